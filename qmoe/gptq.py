@@ -1,0 +1,240 @@
+"""Batched GPTQ: quantize a group of experts' matrices as one batched problem.
+
+GPTQ (Frantar et al., 2022) quantizes a weight matrix ``W [rows, cols]`` one input column at a
+time and spreads each column's rounding error over the columns not yet quantized so that the
+layer output ``X W^T`` changes as little as possible, measured by the Hessian ``H = 2 X^T X / n``
+of the squared output error. With ``U`` the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``),
+column ``i`` is rounded to ``q_i`` and the remaining columns are updated by
+``W[:, j] -= (w_i - q_i) / U[i, i] * U[i, j]`` for ``j > i``. Updates are applied lazily: inside a
+block of ``block_size`` columns one rank-1 update per column touches only the block, and the rest
+of the matrix receives the block's accumulated errors in one matrix product.
+
+QMoE's observation is that the experts of a layer are many small, same-shaped problems; here the
+leading dimension ``E`` of ``W [E, rows, cols]`` and ``H [E, cols, cols]`` is batched through every
+step (batched Cholesky, ``bmm`` for the lazy updates, per-expert column permutations for
+activation order), so one Python loop over columns serves all experts.
+
+Conventions, all per expert:
+
+* Dead columns (``H[i, i] == 0``, an input feature that was always zero) get ``H[i, i] = 1`` and
+  ``W[:, i] = 0``, as in reference GPTQ; they do not affect the output for the calibration inputs.
+* Dampening adds ``damp * mean(diag(H))`` to the diagonal, the mean taken over live columns so
+  that the dead-column 1s do not skew it; ``damp`` defaults to 0.1 for ternary (QMoE) and 0.01
+  otherwise.
+* The grid is fitted once before GPTQ runs, on the original weights (per group too: "static
+  groups"), so it does not depend on the column order and activation order composes with groups.
+  The optimized ternary grid is weighted by ``diag(H)``.
+* Fallback to round-to-nearest of the original weights (same grid) for an all-zero Hessian (the
+  expert received no tokens) or for a damped Hessian whose Cholesky factorisation (or that of its
+  inverse) fails. Such an expert runs through the batched loop with an identity inverse factor, so
+  no NaN from its factorisation reaches the batch and the others are neither recomputed nor
+  disturbed; its values are then replaced by round-to-nearest.
+* Arithmetic is float32 on ``w``'s device whatever the input dtypes; on CUDA TF32 matrix products
+  are switched off for the duration of the call. Results are deterministic for a given input,
+  device and thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .quant import Grid, make_grid
+
+__all__ = ["GPTQResult", "gptq_quantize"]
+
+
+@dataclass
+class GPTQResult:
+    """Output of :func:`gptq_quantize` for ``E`` experts with ``[rows, cols]`` matrices.
+
+    Attributes:
+        qweight: float32 ``[E, rows, cols]``, quantized values (every entry on its row's grid).
+        codes: ``[E, rows, cols]``, int8 in ``{-1, 0, 1}`` (ternary) or uint8 (integer grids);
+            ``grid.dequantize(codes) == qweight`` exactly.
+        grid: the :class:`~qmoe.quant.Grid` (per-row ``lo/hi`` or ``scale/zero``) to store.
+        loss: float32 ``[E]``, ``sum over rows of (w - q) H (w - q)^T`` with the undamped ``H`` as
+            given and the original weights; with ``H = 2 X^T X / n`` this is
+            ``2/n * ||X (W - Q)^T||_F^2``, twice the per-token squared output error.
+        fallback: bool ``[E]``, True where the expert was quantized by round-to-nearest.
+        reason: per expert, None or why it fell back.
+    """
+
+    qweight: torch.Tensor
+    codes: torch.Tensor
+    grid: Grid
+    loss: torch.Tensor
+    fallback: torch.Tensor
+    reason: list
+
+
+@contextlib.contextmanager
+def _ieee_float32(device: torch.device):
+    """Disables TF32 matrix products on CUDA for the duration (float32 GPTQ must stay float32)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved
+
+
+def _check_finite(t: torch.Tensor, what: str, names: list[str]) -> None:
+    bad = ~torch.isfinite(t).flatten(1).all(dim=1)  # [E]
+    if bad.any():
+        e = int(bad.nonzero()[0])
+        raise ValueError(f"{what} of {names[e]} contains NaN or Inf ({int(bad.sum())} expert(s) affected)")
+
+
+def _hessian_loss(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``sum_rows (d H d^T)`` per expert in float64 for ``d [E, rows, cols]``, ``h [E, cols, cols]``."""
+    return (torch.bmm(d, h) * d).double().sum(dim=(1, 2))
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: str | int = "ternary",
+    ternary_grid: str = "optimized",
+    damp: float | None = None,
+    block_size: int = 128,
+    act_order: bool = False,
+    group_size: int | None = None,
+    names: list[str] | None = None,
+) -> GPTQResult:
+    """Quantizes ``E`` experts' weight matrices with GPTQ, batched over experts.
+
+    Args:
+        w: ``[E, rows, cols]`` weights (``nn.Linear`` layout, ``y = x w^T``), any float dtype and
+            device; not modified.
+        H: ``[E, cols, cols]`` per-expert Hessians ``2 X^T X / n`` from each expert's own tokens
+            (all zeros for an expert without tokens), any float dtype; moved to ``w``'s device.
+        bits: ``"ternary"`` or 2, 3, 4.
+        ternary_grid: ``"optimized"`` or ``"minmax"`` (see :func:`qmoe.quant.make_grid`).
+        damp: dampening as a fraction of the mean Hessian diagonal; None for 0.1 (ternary) or
+            0.01 (integers).
+        block_size: columns per lazy-update block (affects speed, not the result beyond rounding).
+        act_order: quantize columns in order of decreasing ``H[i, i]`` (per expert).
+        group_size: None for per-row grids, else columns per grid group (fitted statically).
+        names: ``E`` expert names used in error messages and fallback reasons.
+
+    Returns:
+        :class:`GPTQResult`.
+
+    Raises:
+        ValueError: on bad shapes or options, or NaN/Inf in ``w`` or ``H`` (naming the expert).
+    """
+    if w.dim() != 3 or not w.is_floating_point():
+        raise ValueError(f"w must be float [experts, rows, cols], got {w.dtype} {tuple(w.shape)}")
+    E, rows, cols = w.shape
+    if H.shape != (E, cols, cols) or not H.is_floating_point():
+        raise ValueError(f"H must be float [experts, cols, cols] = [{E}, {cols}, {cols}], got {H.dtype} {tuple(H.shape)}")
+    if names is None:
+        names = [f"expert {e}" for e in range(E)]
+    elif len(names) != E:
+        raise ValueError(f"names has {len(names)} entries for {E} experts")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if damp is None:
+        damp = 0.1 if bits == "ternary" else 0.01
+    if not damp >= 0:
+        raise ValueError(f"damp must be a non-negative fraction, got {damp!r}")
+
+    device = w.device
+    _check_finite(w, "weights", names)
+    _check_finite(H, "Hessian", names)
+    with _ieee_float32(device):
+        return _gptq(w.float(), H.to(device=device, dtype=torch.float32), bits, ternary_grid, float(damp),
+                     block_size, act_order, group_size, names)
+
+
+def _gptq(w0, H0, bits, ternary_grid, damp, block_size, act_order, group_size, names) -> GPTQResult:
+    E, rows, cols = w0.shape
+    device = w0.device
+    diag = torch.diagonal(H0, dim1=1, dim2=2)  # [E, cols]
+    no_tokens = (H0 == 0).flatten(1).all(dim=1)  # [E]
+
+    # The grid weighs column errors by diag(H); an expert without tokens has nothing to weigh by.
+    grid_weight = torch.where(no_tokens[:, None], torch.ones_like(diag), diag.clamp_min(0))
+    grid = make_grid(w0, bits, ternary_grid, hessian_diag=grid_weight, group_size=group_size)
+
+    dead = diag == 0  # [E, cols]
+    W = w0.masked_fill(dead[:, None, :], 0.0)  # [E, rows, cols], working copy updated in place
+    H = H0.clone()
+    Hd = torch.diagonal(H, dim1=1, dim2=2)  # view: writes go to H
+    live = (~dead).sum(dim=1).clamp_min(1)
+    mean_diag = torch.where(dead, torch.zeros_like(diag), diag).sum(dim=1) / live  # [E]
+    Hd.masked_fill_(dead, 1.0)
+    lam = damp * mean_diag  # [E]
+    Hd += lam[:, None]
+
+    fallback = no_tokens.clone()
+    reason: list[str | None] = ["zero Hessian (expert received no tokens)" if z else None for z in no_tokens.tolist()]
+    # Experts already falling back get an identity Hessian so the batched factorisation cannot fail on them.
+    eye = torch.eye(cols, device=device)
+    H[fallback] = eye
+
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [E, cols]
+        W = torch.gather(W, 2, perm[:, None, :].expand(-1, rows, -1))
+        H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(-1, -1, cols)), 2, perm[:, None, :].expand(-1, cols, -1))
+        columns = perm
+    else:
+        perm = None
+        columns = torch.arange(cols, device=device).expand(E, -1)
+
+    L, info = torch.linalg.cholesky_ex(H)
+    Hinv = torch.cholesky_inverse(L)
+    U, info_inv = torch.linalg.cholesky_ex(Hinv, upper=True)  # [E, cols, cols], H^-1 = U^T U
+    failed = ((info != 0) | (info_inv != 0) | ~torch.isfinite(U).flatten(1).all(dim=1)) & ~fallback
+    for e in failed.nonzero().flatten().tolist():
+        reason[e] = "Hessian not positive definite after dampening (Cholesky failed)"
+    fallback |= failed
+    # Identity inverse factor: every column's error stays in place, i.e. round-to-nearest.
+    U[fallback] = eye
+    del L, Hinv, H
+
+    Q = torch.empty_like(W)  # [E, rows, cols]
+    err_sq = torch.zeros(E, dtype=torch.float64, device=device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()  # [E, rows, count]
+        U1 = U[:, i1:i2, i1:i2]  # [E, count, count]
+        Err1 = torch.empty_like(W1)
+        for i in range(count):
+            w_col = W1[:, :, i : i + 1]  # [E, rows, 1]
+            q_col = grid.quantize(w_col, columns[:, i1 + i : i1 + i + 1])
+            Q[:, :, i1 + i : i1 + i + 1] = q_col
+            err = (w_col - q_col) / U1[:, i, i][:, None, None]  # [E, rows, 1]
+            W1[:, :, i:] -= err * U1[:, i : i + 1, i:]  # rank-1 update inside the block
+            Err1[:, :, i : i + 1] = err
+        err_sq += Err1.double().pow(2).sum(dim=(1, 2))
+        if i2 < cols:
+            W[:, :, i2:] -= torch.bmm(Err1, U[:, i1:i2, i2:])  # lazy update of the remaining columns
+
+    if perm is not None:
+        inverse = torch.argsort(perm, dim=1)
+        Q = torch.gather(Q, 2, inverse[:, None, :].expand(-1, rows, -1))
+    del W, U
+
+    # GPTQ's accumulated squared errors equal tr((W - Q) H_used (W - Q)^T) exactly (W - Q = Err U and
+    # U H_used U^T = I); removing the dampening term gives the loss under the Hessian as given. Dead
+    # columns are zero in both W and Q, so the dead-column 1s contribute nothing.
+    wd = w0.masked_fill(dead[:, None, :], 0.0)
+    damp_term = lam.double() * (wd - Q).double().pow(2).sum(dim=(1, 2))
+    loss = err_sq - damp_term
+    if fallback.any():
+        # The loop ran these experts with dead columns zeroed (all of them, without tokens); their
+        # result is round-to-nearest of the original weights instead.
+        idx = fallback.nonzero().flatten()
+        Q[idx] = grid.select(idx).quantize(w0[idx])
+        loss[idx] = _hessian_loss(w0[idx] - Q[idx], H0[idx])
+    codes = grid.codes(Q)
+    return GPTQResult(qweight=Q, codes=codes, grid=grid, loss=loss.float(), fallback=fallback, reason=reason)
