@@ -36,6 +36,19 @@ def _nvcc():
     return shutil.which("nvcc")
 
 
+def _cuda_root(nvcc):
+    """The CUDA toolkit directory of ``nvcc``, asked from nvcc itself (it may be a wrapper script)."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, check=False).stderr
+        for line in out.splitlines():
+            if line.startswith("#$ _HERE_="):
+                return os.path.dirname(line.split("=", 1)[1].strip())
+    except OSError:
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
 class BuildExt(build_ext):
     """Compiles ``.cu`` sources with nvcc, everything else with the default compiler."""
 
@@ -52,6 +65,7 @@ class BuildExt(build_ext):
             obj = os.path.join(build_temp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr",
                    "-Xcompiler", "-fPIC", "-Werror", "all-warnings", "-Xcompiler", "-Wall",
+                   "--threads", "0",  # one nvcc thread per target architecture
                    "-I", os.path.join(HERE, "codec"), "-I", os.path.join(HERE, "cuda")]
             for arch in archs:
                 cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
@@ -60,7 +74,7 @@ class BuildExt(build_ext):
             objects.append(obj)
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = list(ext.extra_objects or []) + objects
-        cuda_root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        cuda_root = _cuda_root(nvcc)
         for lib_dir in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
                         os.path.join("targets", "sbsa-linux", "lib")):
             path = os.path.join(cuda_root, lib_dir)
