@@ -1,10 +1,10 @@
 """Encoder (codec/FORMAT.md 3.1, 3.4): ternary int8 matrix -> :class:`EncodedMatrix`.
 
-Rows are independent, so numba encodes them in parallel (``prange``) in one pass: each row is
-walked through its class's trie into a per-row scratch line of ``cols`` codewords (a row can never
-need more; the untouched tail of the ``np.empty`` scratch is never paged in), then the lines are
-compacted behind a prefix sum of the per-row counts. One trie step is one table load, so the walk
-costs a few cycles per weight.
+Rows are independent, so numba encodes them in parallel (``prange`` over groups of four rows) in
+one pass: each row is walked through its class's trie into a per-row scratch line of ``cols``
+codewords (a row never needs more; the untouched tail of the ``np.empty`` scratch is never paged
+in), then the lines are compacted behind a prefix sum of the per-row counts. One trie step is one
+table load.
 """
 
 from __future__ import annotations
@@ -25,17 +25,101 @@ _BF16_ONE = 0x3F80
 
 @numba.njit(cache=True)
 def _walk_count(row, trie):
-    """Codewords a tunstall class needs for one row (the walk of _encode_tunstall, without output)."""
+    """Codewords a tunstall class needs for one row (the walk of _walk, without output)."""
     node = 0
     n = 0
     for j in range(row.shape[0]):
         v = trie[node, row[j] + 1]
-        if v < 0:
-            n += 1
-            node = 0
-        else:
-            node = v
+        n += v < 0
+        node = max(v, 0)
     return n + (node != 0)
+
+
+@numba.njit(cache=True)
+def _finish(trie, node, out, n):
+    """Completes a walk that stopped inside the tree with virtual zeros (FORMAT.md 3.1)."""
+    while node != 0:
+        v = trie[node, 1]
+        out[n] = ~v
+        n += v < 0
+        node = max(v, 0)
+    return n
+
+
+# The walk is a chain of dependent table loads (next node = trie[node, symbol]), so one row at a
+# time is bound by load latency. Walking four rows in lockstep gives the core four independent
+# chains; the step is branchless (a leaf's codeword is stored unconditionally and overwritten
+# unless the count advances), which measured ~3x faster per core than the plain loop.
+@numba.njit(cache=True)
+def _walk(row, trie, out):
+    node = 0
+    n = 0
+    for j in range(row.shape[0]):
+        v = trie[node, row[j] + 1]
+        out[n] = ~v
+        n += v < 0
+        node = max(v, 0)
+    return _finish(trie, node, out, n)
+
+
+@numba.njit(cache=True)
+def _walk4(r0, r1, r2, r3, t0, t1, t2, t3, o0, o1, o2, o3, counts):
+    a0 = a1 = a2 = a3 = 0
+    n0 = n1 = n2 = n3 = 0
+    for j in range(r0.shape[0]):
+        v0 = t0[a0, r0[j] + 1]
+        v1 = t1[a1, r1[j] + 1]
+        v2 = t2[a2, r2[j] + 1]
+        v3 = t3[a3, r3[j] + 1]
+        o0[n0] = ~v0
+        o1[n1] = ~v1
+        o2[n2] = ~v2
+        o3[n3] = ~v3
+        n0 += v0 < 0
+        n1 += v1 < 0
+        n2 += v2 < 0
+        n3 += v3 < 0
+        a0 = max(v0, 0)
+        a1 = max(v1, 0)
+        a2 = max(v2, 0)
+        a3 = max(v3, 0)
+    counts[0] = _finish(t0, a0, o0, n0)
+    counts[1] = _finish(t1, a1, o1, n1)
+    counts[2] = _finish(t2, a2, o2, n2)
+    counts[3] = _finish(t3, a3, o3, n3)
+
+
+@numba.njit(cache=True)
+def _choose_class(row, tries, class_cost, exact):
+    """(class, valid): the row's class (FORMAT.md 3.4) and whether all its values are -1/0/1."""
+    neg = 0
+    pos = 0
+    bad = False
+    for j in range(row.shape[0]):
+        v = row[j]
+        neg += v == -1
+        pos += v == 1
+        bad |= (v < -1) | (v > 1)
+    if bad:
+        return 0, False
+    zero = row.shape[0] - neg - pos
+    best = 0
+    if tries.shape[0] > 1:
+        if exact:
+            best_n = _walk_count(row, tries[0])
+            for k in range(1, tries.shape[0]):
+                n = _walk_count(row, tries[k])
+                if n < best_n:
+                    best_n = n
+                    best = k
+        else:
+            best_cost = np.inf
+            for k in range(tries.shape[0]):
+                cost = neg * class_cost[k, 0] + zero * class_cost[k, 1] + pos * class_cost[k, 2]
+                if cost < best_cost:
+                    best_cost = cost
+                    best = k
+    return best, True
 
 
 @numba.njit(parallel=True, cache=True)
@@ -45,62 +129,29 @@ def _encode_tunstall(ternary, tries, class_cost, exact, row_class, scratch, coun
     tries: int32 [K, nodes, 3] (Dictionary.encoder_tables); class_cost: float64 [K, 3], -log2 of
     each class's design probabilities; row_class, counts: outputs [rows]; scratch: uint16 [rows, cols].
     """
-    rows, cols = ternary.shape
-    num_classes = tries.shape[0]
+    rows = ternary.shape[0]
+    groups = (rows + 3) // 4
     bad = np.full(rows, -1, dtype=np.int64)
-    for r in numba.prange(rows):
-        row = ternary[r]
-        neg = 0
-        pos = 0
-        for j in range(cols):
-            v = row[j]
-            if v < -1 or v > 1:
+    for g in numba.prange(groups):
+        first = 4 * g
+        last = min(first + 4, rows)
+        valid = True
+        for r in range(first, last):
+            k, ok = _choose_class(ternary[r], tries, class_cost, exact)
+            row_class[r] = k
+            if not ok:
                 bad[r] = r
-                break
-            neg += v == -1
-            pos += v == 1
-        if bad[r] >= 0:
+                valid = False
+        if not valid:
             continue
-        zero = cols - neg - pos
-        best = 0
-        if num_classes > 1:
-            if exact:
-                best_n = _walk_count(row, tries[0])
-                for k in range(1, num_classes):
-                    n = _walk_count(row, tries[k])
-                    if n < best_n:
-                        best_n = n
-                        best = k
-            else:
-                best_cost = np.inf
-                for k in range(num_classes):
-                    cost = neg * class_cost[k, 0] + zero * class_cost[k, 1] + pos * class_cost[k, 2]
-                    if cost < best_cost:
-                        best_cost = cost
-                        best = k
-        row_class[r] = best
-        trie = tries[best]
-        out = scratch[r]
-        node = 0
-        n = 0
-        for j in range(cols):
-            v = trie[node, row[j] + 1]
-            if v < 0:
-                out[n] = ~v
-                n += 1
-                node = 0
-            else:
-                node = v
-        # Row end inside the tree: complete the walk with virtual zeros (FORMAT.md 3.1).
-        while node != 0:
-            v = trie[node, 1]
-            if v < 0:
-                out[n] = ~v
-                n += 1
-                node = 0
-            else:
-                node = v
-        counts[r] = n
+        if last - first == 4:
+            _walk4(ternary[first], ternary[first + 1], ternary[first + 2], ternary[first + 3],
+                   tries[row_class[first]], tries[row_class[first + 1]], tries[row_class[first + 2]],
+                   tries[row_class[first + 3]], scratch[first], scratch[first + 1], scratch[first + 2],
+                   scratch[first + 3], counts[first:last])
+        else:
+            for r in range(first, last):
+                counts[r] = _walk(ternary[r], tries[row_class[r]], scratch[r])
     for r in range(rows):
         if bad[r] >= 0:
             return r
