@@ -188,8 +188,8 @@ def balanced_placement(sizes: Mapping[str, int], budgets: Sequence[int]) -> tupl
         return [names] + [[] for _ in budgets[1:]], 0.0
     if sum(budgets) == 0:
         raise PlacementError("every device has a zero budget")
-    # Upper bound: everything on the largest device.
-    lo, hi = 0.0, total / max(budgets)
+    # Upper bound: everything on the largest device (+1 byte so float rounding cannot make it infeasible).
+    lo, hi = 0.0, (total + 1) / max(budgets)
     for _ in range(100):
         mid = (lo + hi) / 2
         if greedy(mid) is None:
