@@ -33,6 +33,8 @@ _SUPPORTED_MODEL_TYPES = ("switch_transformers",)
 _SUPPORTED_ACTIVATIONS = ("relu", "gelu", "gelu_new")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+_DERIVED_KEYS = ("architectures", "model_type", "num_sparse_encoder_layers", "num_sparse_decoder_layers")
+
 _BLOCK_RE = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.")
 
 
@@ -106,7 +108,8 @@ class SwitchConfig:
 
         field_names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kw: dict[str, Any] = {k: d[k] for k in field_names if k in d}
-        extra = {k: v for k, v in d.items() if k not in field_names}
+        # Derived keys are rewritten by to_dict(); everything else unknown is kept verbatim.
+        extra = {k: v for k, v in d.items() if k not in field_names and k not in _DERIVED_KEYS}
 
         num_layers = int(d.get("num_layers", cls.num_layers))
         num_decoder_layers = d.get("num_decoder_layers")

@@ -71,7 +71,10 @@ def make_config(kind: str = "base", **overrides) -> dict:
         cfg.update(num_layers=3, num_decoder_layers=3, num_sparse_encoder_layers=3, num_sparse_decoder_layers=3,
                    tie_word_embeddings=False, torch_dtype="bfloat16", num_experts=8)
     elif kind == "dense":
-        cfg.update(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=0, num_sparse_decoder_layers=0)
+        # Explicit zero steps: transformers' own fallback for zero sparse layers (step = num_layers)
+        # still makes block 1 sparse.
+        cfg.update(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=0, num_sparse_decoder_layers=0,
+                   encoder_sparse_step=0, decoder_sparse_step=0)
     else:
         raise ValueError(f"unknown fixture kind {kind!r}")
     cfg.update(overrides)
