@@ -319,9 +319,12 @@ def write_block(out_dir: str, block_name: str, dense: Dict[str, torch.Tensor],
 
 
 def write_dictionary(out_dir: str, dictionary) -> str:
-    tensors, metadata = dictionary.to_tensors()
-    meta = {"qmoe.format_version": str(FORMAT_VERSION), "qmoe.dictionary": json.dumps(metadata, sort_keys=True)}
-    return atomic_save_safetensors(os.path.join(out_dir, DICTIONARY_FILE), tensors, meta)
+    from safetensors.numpy import save as np_save
+
+    arrays, metadata = dictionary.to_tensors()  # numpy arrays + {"qmoe_codec": JSON string}
+    meta = {"qmoe.format_version": str(FORMAT_VERSION), **metadata}
+    data = np_save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}, metadata=meta)
+    return atomic_write_bytes(os.path.join(out_dir, DICTIONARY_FILE), data)
 
 
 def copy_tokenizer(src_dir: str, out_dir: str) -> List[str]:
@@ -430,7 +433,7 @@ class CompressedCheckpoint:
 
             path = self._fetch_checked(DICTIONARY_FILE)
             with safe_open(path, "np") as f:
-                meta = json.loads((f.metadata() or {}).get("qmoe.dictionary", "{}"))
+                meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             self._dictionary = codec.Dictionary.from_tensors(tensors, meta)
         return self._dictionary
