@@ -284,6 +284,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     _add_load_arguments(parser)
     parser.add_argument("--data", default=None, help="text source: None = bundled text, 'c4', or a path")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--length", type=int, default=568,
+                        help="tokens per window before span corruption (568 gives ~512 encoder tokens)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
@@ -323,7 +325,7 @@ def eval_cli(args: argparse.Namespace) -> dict:
 
     model = _load(args)
     tok = _tokenizer(model)
-    samples = make_samples(tok, args.data, n=args.samples, seed=args.seed, split="validation")
+    samples = make_samples(tok, args.data, n=args.samples, seed=args.seed, split="validation", length=args.length)
     batches = [collate(samples[i:i + args.batch_size], tok.pad_id, model.config.decoder_start_token_id)
                for i in range(0, len(samples), args.batch_size)]
     result = evaluate_loss(model, batches)

@@ -96,7 +96,8 @@ class CompressedExperts(nn.Module):
     Implements the swappable experts call of :mod:`qmoe.model`:
     ``forward(x_sorted [T, d_model], expert_offsets [E+1] int64) -> [T, d_model]`` on tokens sorted
     by expert. Ternary matrices run through the grouped op of :mod:`qmoe.ops` (CUDA kernel on a GPU,
-    the codec's CPU reference on the CPU), one call for ``wi`` and one for ``wo``; integer (2-4 bit)
+    the codec's CPU reference on the CPU), one call for ``wi`` and one for ``wo``, with the
+    checkpoint's dictionary as :func:`qmoe.ops.dictionary_tensors` on the same device; integer (2-4 bit)
     matrices are decoded per expert that received tokens and multiplied densely.
 
     ``expert_range``: the experts ``[lo, hi)`` this module holds (expert parallelism); outputs of other
@@ -105,7 +106,8 @@ class CompressedExperts(nn.Module):
     state dict (dense weights only) stays what :func:`qmoe.model.materialize` expects.
     """
 
-    def __init__(self, wi: PackedExperts, wo: PackedExperts, activation: str, dictionary=None,
+    def __init__(self, wi: PackedExperts, wo: PackedExperts, activation: str,
+                 dictionary_tensors: Mapping[str, torch.Tensor] | None = None,
                  expert_range: Tuple[int, int] | None = None, process_group=None, where: str = "experts"):
         super().__init__()
         if wi.kind != wo.kind or wi.bits != wo.bits:
@@ -130,18 +132,18 @@ class CompressedExperts(nn.Module):
             for k, v in packed.tensors.items():
                 self.register_buffer(f"{m}_{k}", v, persistent=False)
         if self.kind == "ternary":
-            if dictionary is None:
+            if dictionary_tensors is None:
                 raise CompressedModelError(f"{where}: ternary experts need the checkpoint's dictionary")
-            from . import ops
-
-            for k, v in ops.dictionary_tensors(dictionary).items():
+            # The same tensors are registered in every layer on a device: one copy in memory.
+            for k, v in dictionary_tensors.items():
                 self.register_buffer(f"dict_{k}", v, persistent=False)
         elif self.kind != "int":
             raise CompressedModelError(f"{where}: unknown expert packing {self.kind!r}")
 
     def _tensors(self, prefix: str) -> Dict[str, torch.Tensor]:
+        """Buffers ``{prefix}_{key}`` as ``{key: tensor}`` (``prefix``: wi, wo or dict)."""
         n = len(prefix) + 1
-        return {name[n:]: buf for name, buf in self.named_buffers() if name.startswith(prefix + "_")}
+        return {name[n:]: buf for name, buf in self._buffers.items() if name.startswith(prefix + "_")}
 
     def _matmul(self, m: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x [T, cols] sorted by (local) expert, offsets [E_local + 1] -> [T, rows] = x_e @ W_e^T."""
@@ -325,7 +327,8 @@ class PlacedModel(nn.Module):
 
 
 def _experts_for(mlp_name: str, mats: Mapping[str, PackedExperts], config: SwitchConfig, device: torch.device,
-                 dtype: torch.dtype, ideal_dense: bool, expert_shard, process_group, dictionary) -> nn.Module:
+                 dtype: torch.dtype, ideal_dense: bool, expert_shard, process_group,
+                 dictionary_tensors) -> nn.Module:
     """The experts module replacing ``mlp_name``'s dense experts; checks the packed shapes first."""
     if set(mats) != {"wi", "wo"}:
         raise CompressedModelError(f"{mlp_name}: the checkpoint stores expert matrices {sorted(mats)}, expected wi and wo")
@@ -340,7 +343,7 @@ def _experts_for(mlp_name: str, mats: Mapping[str, PackedExperts], config: Switc
                                  config.dense_act_fn)
     expert_range = None if expert_shard is None else shard_range(config.num_experts, *expert_shard)
     wi, wo = mats["wi"].to(device), mats["wo"].to(device)
-    return CompressedExperts(wi, wo, config.dense_act_fn, dictionary=dictionary, expert_range=expert_range,
+    return CompressedExperts(wi, wo, config.dense_act_fn, dictionary_tensors=dictionary_tensors, expert_range=expert_range,
                              process_group=process_group, where=f"{mlp_name}.experts").to(device)
 
 
@@ -387,6 +390,7 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
 
     model = build_skeleton(config)
     sparse = dict(model.sparse_mlps())
+    dictionary_on: Dict[torch.device, Dict[str, torch.Tensor]] = {}
     for block in needed:
         device = torch.device(device_map[block])
         weights = ckpt.read_block(block)
@@ -396,8 +400,15 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
             raise CompressedModelError(f"{source}: block {block} stores experts for {sorted(weights.experts)}, "
                                 f"the config has sparse layers {sorted(block_mlps)}")
         for mlp_name, mats in weights.experts.items():
+            dictionary_tensors = None
+            if any(p.kind == "ternary" for p in mats.values()) and not ideal_dense:
+                if device not in dictionary_on:
+                    from . import ops
+
+                    dictionary_on[device] = ops.dictionary_tensors(ckpt.dictionary, device)
+                dictionary_tensors = dictionary_on[device]
             sparse[mlp_name].experts = _experts_for(mlp_name, mats, config, device, dtype, ideal_dense,
-                                                    expert_shard, process_group, ckpt.dictionary)
+                                                    expert_shard, process_group, dictionary_tensors)
         materialize(module, weights.dense, device=device, dtype=dtype, prefix=block)
     if config.tie_word_embeddings and "lm_head" not in stored:
         shared = model.shared.weight

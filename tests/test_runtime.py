@@ -179,6 +179,30 @@ def test_ternary_experts_equal_decoded_dense(tmp_path, tiny_reference):
     torch.testing.assert_close(model(ids, dec, attention_mask=mask).logits, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_ternary_layers_share_one_dictionary_and_slice_exactly(tmp_path, tiny_reference):
+    pytest.importorskip("qmoe.ops")
+    from qmoe.runtime import _slice_packed
+
+    cfg, _, sd = tiny_reference
+    write_compressed(str(tmp_path), cfg, sd, "ternary")
+    model = load_compressed(str(tmp_path), devices=["cpu"], dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
+    assert len(layers) > 1
+    assert len({layer.dict_entry_length.data_ptr() for layer in layers}) == 1
+    packed = storage.open_compressed(str(tmp_path)).read_block("encoder.block.1").experts[
+        "encoder.block.1.layer.1.mlp"]["wi"]
+    for lo, hi in ((0, 2), (1, 4), (3, 3)):
+        part = _slice_packed(packed, lo, hi)
+        part.validate(f"slice {lo}:{hi}")
+        t, p = packed.tensors, part.tensors
+        for e in range(lo, hi):
+            stream = t["codewords"][int(t["expert_offsets"][e]):int(t["expert_offsets"][e + 1])]
+            part_stream = p["codewords"][int(p["expert_offsets"][e - lo]):int(p["expert_offsets"][e - lo + 1])]
+            assert torch.equal(part_stream.view(torch.int16), stream.view(torch.int16))
+            for key in ("row_offsets", "row_class", "scales"):
+                assert torch.equal(p[key][e - lo].view(torch.uint8), t[key][e].view(torch.uint8))
+
+
 def test_loss_matches_transformers(int4_model):
     path, cfg, decoded = int4_model
     model = load_compressed(path, devices=["cpu"], dtype=torch.float32)
