@@ -203,11 +203,15 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) pos[t] = neg[t] = 0.0f;
 
-      int64_t col = 0;  // first column of this round's first codeword; warp-uniform
-      for (int64_t i = src.range.begin; i < src.range.end && col < L.cols; i += 32) {
-        const int64_t idx = i + lane;
-        PackedEntry e{0, 0, 0};
-        if (idx < src.range.end) e = load_entry(src.table, L.codewords[idx]);
+      int64_t i = src.range.begin;  // this round's first codeword; lane l takes codeword i + l
+      int64_t col = 0;               // its first column; warp-uniform
+      PackedEntry e{0, 0, 0};
+      if (i + lane < src.range.end) e = load_entry(src.table, L.codewords[i + lane]);
+      for (; i < src.range.end && col < L.cols; i += 32) {
+        // Fetch the next round's entry now: its two dependent loads (codeword, then entry) overlap
+        // this round's scan and accumulation instead of stalling the warp at the top of the loop.
+        PackedEntry next{0, 0, 0};
+        if (i + 32 + lane < src.range.end) next = load_entry(src.table, L.codewords[i + 32 + lane]);
         int end_col = static_cast<int>(e.length);  // inclusive prefix sum of lengths over the lanes
 #pragma unroll
         for (int d = 1; d < 32; d <<= 1) {
@@ -217,6 +221,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         qmoe::accumulate_entry<kTokens>(e, col + end_col - static_cast<int>(e.length), L.cols, item.n_tokens, load,
                                         pos, neg);
         col += __shfl_sync(kFullMask, end_col, 31);
+        e = next;
       }
 
 #pragma unroll
@@ -269,6 +274,8 @@ __global__ void __launch_bounds__(kTileThreads)
     const T value_pos = from_float<T>(src.b);
     int64_t cursor = src.range.begin;  // next codeword to expand
     int64_t cursor_col = 0;            // its first column
+    PackedEntry current{0, 0, 0};      // its entry, carried across K steps
+    if (cursor < src.range.end) current = load_entry(src.table, L.codewords[cursor]);
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTileTokens / 16][2];
 #pragma unroll
@@ -297,12 +304,14 @@ __global__ void __launch_bounds__(kTileThreads)
       // cursor and expanded again next step, which then keeps only its remaining columns.
       T* w_row = w_tile + tid * kTileLd;
       while (cursor < src.range.end && cursor_col < k_end) {
-        const PackedEntry e = load_entry(src.table, L.codewords[cursor]);
-        qmoe::for_each_nonzero(e, cursor_col, k0, k_end,
+        PackedEntry next{0, 0, 0};  // issued before the scatter so the load latency overlaps it
+        if (cursor + 1 < src.range.end) next = load_entry(src.table, L.codewords[cursor + 1]);
+        qmoe::for_each_nonzero(current, cursor_col, k0, k_end,
                                [&](int64_t c, bool negative) { w_row[c - k0] = negative ? value_neg : value_pos; });
-        if (cursor_col + e.length > k_end) break;
-        cursor_col += e.length;
+        if (cursor_col + current.length > k_end) break;
+        cursor_col += current.length;
         ++cursor;
+        current = next;
       }
       __syncthreads();
 
