@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import heapq
 import json
 import struct
 
@@ -374,12 +373,92 @@ def _normalized(probabilities):
     return p / p.sum()
 
 
+@numba.njit(cache=True)
+def _before(prob, a, b):
+    """Heap order: higher probability first, then the node created (pushed) first."""
+    return prob[a] > prob[b] or (prob[a] == prob[b] and a < b)
+
+
+@numba.njit(cache=True)
+def _heap_push(heap, size, prob, node):
+    i = size
+    heap[i] = node
+    while i > 0:
+        parent = (i - 1) // 2
+        if not _before(prob, heap[i], heap[parent]):
+            break
+        heap[i], heap[parent] = heap[parent], heap[i]
+        i = parent
+    return size + 1
+
+
+@numba.njit(cache=True)
+def _heap_pop(heap, size, prob):
+    top = heap[0]
+    size -= 1
+    heap[0] = heap[size]
+    i = 0
+    while True:
+        best = i
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < size and _before(prob, heap[child], heap[best]):
+                best = child
+        if best == i:
+            break
+        heap[i], heap[best] = heap[best], heap[i]
+        i = best
+    return top, size
+
+
+@numba.njit(cache=True)
+def _grow_tunstall(p, max_entries, max_length, max_nonzero):
+    """Tunstall tree growth (FORMAT.md 3.2). Nodes are numbered in creation order; returns per-node
+    (prob, length, nonzero mask, negative mask) and a mask of the nodes that are leaves at the end."""
+    nodes = 3 + 3 * ((max_entries - 3) // 2)
+    prob = np.zeros(nodes)
+    length = np.zeros(nodes, dtype=np.int64)
+    nonzero = np.zeros(nodes, dtype=np.uint64)
+    negative = np.zeros(nodes, dtype=np.uint64)
+    nnz = np.zeros(nodes, dtype=np.int64)
+    leaf = np.zeros(nodes, dtype=np.bool_)
+    heap = np.zeros(nodes, dtype=np.int64)
+    size = 0
+    created = 0
+    for s in range(3):  # symbols -1, 0, +1
+        prob[created] = p[s]
+        length[created] = 1
+        nonzero[created] = np.uint64(s != 1)
+        negative[created] = np.uint64(s == 0)
+        nnz[created] = s != 1
+        leaf[created] = True
+        size = _heap_push(heap, size, prob, created)
+        created += 1
+    leaves = 3
+    while leaves + 2 <= max_entries and size > 0:
+        node, size = _heap_pop(heap, size, prob)
+        leaf[node] = False
+        bit = np.uint64(1) << np.uint64(length[node])
+        for s in range(3):
+            prob[created] = prob[node] * p[s]
+            length[created] = length[node] + 1
+            nonzero[created] = nonzero[node] | (bit if s != 1 else np.uint64(0))
+            negative[created] = negative[node] | (bit if s == 0 else np.uint64(0))
+            nnz[created] = nnz[node] + (s != 1)
+            leaf[created] = True
+            if length[created] < max_length and nnz[created] < max_nonzero:
+                size = _heap_push(heap, size, prob, created)
+            created += 1
+        leaves += 2
+    return prob[:created], length[:created], nonzero[:created], negative[:created], leaf[:created]
+
+
 def tunstall_class(probabilities, max_entries=SLOTS - 1, max_length=MAX_LENGTH):
     """Builds one Tunstall class (FORMAT.md 3.2) for i.i.d. symbols.
 
     Args:
         probabilities: (p_-1, p_0, p_+1), all > 0 (normalized here).
-        max_entries: leaves to grow to (odd, >= 3; 65535 for a full class).
+        max_entries: leaves to grow to (3..65535; 65535 for a full class; an even number stops one
+            short, as each expansion adds two leaves).
         max_length: longest entry, <= 64.
 
     Returns:
@@ -391,37 +470,16 @@ def tunstall_class(probabilities, max_entries=SLOTS - 1, max_length=MAX_LENGTH):
         raise ValueError(f"max_entries must be in 3..{SLOTS - 1}, got {max_entries}")
     if not 1 <= max_length <= MAX_LENGTH:
         raise ValueError(f"max_length must be in 1..{MAX_LENGTH}, got {max_length}")
-    probs = (float(p[0]), float(p[1]), float(p[2]))
-    # A leaf is (probability, creation index, length, nonzero mask, negative mask, nonzero count);
-    # the heap holds expandable leaves keyed by (-probability, creation index).
-    leaves = {}
-    heap = []
-    created = 0
-
-    def add(prob, length, nz, neg, nnz):
-        nonlocal created
-        leaves[created] = (prob, length, nz, neg)
-        if length < max_length and nnz < MAX_NONZERO:
-            heapq.heappush(heap, (-prob, created, length, nz, neg, nnz))
-        created += 1
-
-    for s in (-1, 0, 1):
-        add(probs[s + 1], 1, int(s != 0), int(s < 0), int(s != 0))
-    while len(leaves) + 2 <= max_entries and heap:
-        negprob, idx, length, nz, neg, nnz = heapq.heappop(heap)
-        del leaves[idx]
-        bit = 1 << length
-        for s in (-1, 0, 1):
-            add(-negprob * probs[s + 1], length + 1, nz | (bit if s else 0), neg | (bit if s < 0 else 0),
-                nnz + (s != 0))
-    order = sorted(leaves.items(), key=lambda item: (-item[1][0], item[0]))
-    count = len(order)
+    prob, node_length, node_nonzero, node_negative, leaf = _grow_tunstall(p, max_entries, max_length, MAX_NONZERO)
+    leaves = np.flatnonzero(leaf)  # creation order
+    order = leaves[np.argsort(-prob[leaves], kind="stable")]  # decreasing probability, ties by creation
+    count = order.shape[0]
     length = np.zeros(SLOTS, dtype=np.uint8)
     nonzero = np.zeros(SLOTS, dtype=np.uint64)
     negative = np.zeros(SLOTS, dtype=np.uint64)
-    length[:count] = [leaf[1][1] for leaf in order]
-    nonzero[:count] = np.array([leaf[1][2] for leaf in order], dtype=np.uint64)
-    negative[:count] = np.array([leaf[1][3] for leaf in order], dtype=np.uint64)
+    length[:count] = node_length[order]
+    nonzero[:count] = node_nonzero[order]
+    negative[:count] = node_negative[order]
     return length, nonzero, negative, count
 
 
@@ -454,40 +512,55 @@ def default_dictionary() -> Dictionary:
     return tunstall_dictionary([_symmetric(p0) for p0 in DEFAULT_CLASS_ZERO_PROBABILITIES])
 
 
+@numba.njit(cache=True)
+def _grow_pairs(p, entries, max_pairs):
+    """QMoE's construction (FORMAT.md 3.3): pop the most probable pair sequence (ties: pushed first)
+    as the next entry, push its 9 one-pair extensions. Returns (pairs, nonzero, negative) per entry."""
+    capacity = 9 + 9 * entries
+    prob = np.zeros(capacity)
+    npairs = np.zeros(capacity, dtype=np.int64)
+    nonzero = np.zeros(capacity, dtype=np.uint64)
+    negative = np.zeros(capacity, dtype=np.uint64)
+    heap = np.zeros(capacity, dtype=np.int64)
+    size = 0
+    pushed = 0
+    out_pairs = np.zeros(entries, dtype=np.int64)
+    out_nonzero = np.zeros(entries, dtype=np.uint64)
+    out_negative = np.zeros(entries, dtype=np.uint64)
+    for pair in range(9):  # index 3 (s1 + 1) + (s2 + 1)
+        s1, s2 = pair // 3, pair % 3
+        prob[pushed] = p[s1] * p[s2]
+        npairs[pushed] = 1
+        nonzero[pushed] = np.uint64((s1 != 1) | ((s2 != 1) << 1))
+        negative[pushed] = np.uint64((s1 == 0) | ((s2 == 0) << 1))
+        size = _heap_push(heap, size, prob, pushed)
+        pushed += 1
+    for code in range(entries):
+        node, size = _heap_pop(heap, size, prob)
+        out_pairs[code] = npairs[node]
+        out_nonzero[code] = nonzero[node]
+        out_negative[code] = negative[node]
+        if npairs[node] < max_pairs:
+            shift = np.uint64(2 * npairs[node])
+            for pair in range(9):
+                s1, s2 = pair // 3, pair % 3
+                prob[pushed] = prob[node] * (p[s1] * p[s2])
+                npairs[pushed] = npairs[node] + 1
+                nonzero[pushed] = nonzero[node] | (np.uint64((s1 != 1) | ((s2 != 1) << 1)) << shift)
+                negative[pushed] = negative[node] | (np.uint64((s1 == 0) | ((s2 == 0) << 1)) << shift)
+                size = _heap_push(heap, size, prob, pushed)
+                pushed += 1
+    return out_pairs, out_nonzero, out_negative
+
+
 @functools.lru_cache(maxsize=None)
 def qmoe_dictionary() -> Dictionary:
     """QMoE's static pair dictionary (FORMAT.md 3.3): one class, 65536 entries of 1..14 ternary pairs,
     the most probable pair sequences at P(0) = 0.885. Cached."""
-    ps = _symmetric(QMOE_ZERO_PROBABILITY)
-    pairs = [(s1, s2) for s1 in (-1, 0, 1) for s2 in (-1, 0, 1)]
-    pair_prob = [ps[s1 + 1] * ps[s2 + 1] for s1, s2 in pairs]
-    # Heap items: (-probability, push index, pairs, nonzero mask, negative mask).
-    heap = []
-    pushed = 0
-    for i, (s1, s2) in enumerate(pairs):
-        heapq.heappush(heap, (-pair_prob[i], pushed, 1, int(s1 != 0) | int(s2 != 0) << 1,
-                              int(s1 < 0) | int(s2 < 0) << 1))
-        pushed += 1
-    length = np.zeros(SLOTS, dtype=np.uint8)
-    nonzero = np.zeros(SLOTS, dtype=np.uint64)
-    negative = np.zeros(SLOTS, dtype=np.uint64)
-    nz_list, neg_list = [], []
-    for code in range(SLOTS):
-        negprob, _, npairs, nz, neg = heapq.heappop(heap)
-        length[code] = 2 * npairs
-        nz_list.append(nz)
-        neg_list.append(neg)
-        if npairs < QMOE_MAX_PAIRS:
-            shift = 2 * npairs
-            for i, (s1, s2) in enumerate(pairs):
-                heapq.heappush(heap, (negprob * pair_prob[i], pushed, npairs + 1,
-                                      nz | (int(s1 != 0) | int(s2 != 0) << 1) << shift,
-                                      neg | (int(s1 < 0) | int(s2 < 0) << 1) << shift))
-                pushed += 1
-    nonzero[:] = np.array(nz_list, dtype=np.uint64)
-    negative[:] = np.array(neg_list, dtype=np.uint64)
-    return Dictionary("qmoe-pairs", length[None], nonzero[None], negative[None],
-                      np.array([SLOTS], dtype=np.int32), np.array([ps]), 2 * QMOE_MAX_PAIRS)
+    ps = np.array(_symmetric(QMOE_ZERO_PROBABILITY))
+    pairs, nonzero, negative = _grow_pairs(ps, SLOTS, QMOE_MAX_PAIRS)
+    return Dictionary("qmoe-pairs", (2 * pairs).astype(np.uint8)[None], nonzero[None], negative[None],
+                      np.array([SLOTS], dtype=np.int32), ps[None], 2 * QMOE_MAX_PAIRS)
 
 
 @numba.njit(parallel=True, cache=True)
