@@ -21,9 +21,9 @@
 // header codec/qmoe_codec.h, which the host test build runs against qmoe.codec's decoder.
 //
 // Corrupt inputs never cause out-of-bounds reads: expert and row codeword ranges are checked against the
-// stream, classes against the dictionary, token ranges against the token count. Such rows/tokens produce
-// zeros; validating the format is the loader's job (qmoe.codec), since reporting from here would need a
-// host synchronisation.
+// stream and classes against the dictionary (such rows produce zeros), and token_offsets that do not
+// partition the tokens make all of y zero. Validating the format is the loader's job (qmoe.codec, and
+// the CPU implementation of the op): reporting from here would need a host synchronisation.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -125,6 +125,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 // Splits every expert's token range into work items. A single block: E is at most a few thousand and the
 // kernel runs once per layer call, so a block-wide shared-memory counter beats a multi-block scan.
+//
+// counts[2] is set when token_offsets is not a valid partition of the tokens (0 first, total last,
+// non-decreasing): then no items are emitted and gemv_kernel zero-fills y, so malformed offsets give a
+// defined all-zero result rather than unwritten memory, without a memset on every (valid) call.
 __global__ void build_work_items(const int64_t* token_offsets, int64_t num_experts, int64_t total_tokens,
                                  int gemv_tokens, int tile_min_tokens, WorkItem* gemv_items, int gemv_capacity,
                                  WorkItem* tile_items, int tile_capacity, int* counts) {
@@ -134,11 +138,20 @@ __global__ void build_work_items(const int64_t* token_offsets, int64_t num_exper
     n_gemv = 0;
     n_tile = 0;
   }
-  __syncthreads();
+  int bad = threadIdx.x == 0 && (token_offsets[0] != 0 || token_offsets[num_experts] != total_tokens);
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) bad |= token_offsets[e] > token_offsets[e + 1];
+  if (__syncthreads_or(bad)) {
+    if (threadIdx.x == 0) {
+      counts[0] = 0;
+      counts[1] = 0;
+      counts[2] = 1;
+    }
+    return;
+  }
   for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
     const int64_t start = token_offsets[e];
     const int64_t end = token_offsets[e + 1];
-    if (!(0 <= start && start < end && end <= total_tokens)) continue;  // no tokens (or a corrupt range)
+    if (start == end) continue;  // expert without tokens
     const int64_t n = end - start;
     const bool tile = n >= tile_min_tokens;
     const int per_item = tile ? kTileTokens : gemv_tokens;
@@ -158,6 +171,7 @@ __global__ void build_work_items(const int64_t* token_offsets, int64_t num_exper
   if (threadIdx.x == 0) {
     counts[0] = min(n_gemv, gemv_capacity);
     counts[1] = min(n_tile, tile_capacity);
+    counts[2] = 0;
   }
 }
 
@@ -166,7 +180,15 @@ __global__ void build_work_items(const int64_t* token_offsets, int64_t num_exper
 template <class T, int kTokens>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const T* __restrict__ x, T* __restrict__ y, Layer L, const WorkItem* __restrict__ items,
-                const int* __restrict__ counts, int64_t rows_per_block, bool stage_x) {
+                const int* __restrict__ counts, int64_t total_tokens, int64_t rows_per_block, bool stage_x) {
+  if (counts[2] != 0) {  // malformed token_offsets: define y as zeros (see build_work_items)
+    const int64_t n = total_tokens * L.rows;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      y[i] = from_float<T>(0.0f);
+    }
+    return;
+  }
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* x_stage = reinterpret_cast<T*>(smem_raw);  // [cols][kTokens]
   const int warp = threadIdx.x / 32;
@@ -359,7 +381,7 @@ int gemv_tokens_for(int64_t num_experts, int64_t total_tokens) {
 }
 
 struct Workspace {
-  int* counts;  // [2]: GEMV items, tile items
+  int* counts;  // [3]: GEMV items, tile items, token_offsets-invalid flag
   WorkItem* gemv_items;
   int gemv_capacity;
   WorkItem* tile_items;
@@ -424,7 +446,7 @@ cudaError_t launch_gemv(const QmoeGroupedArgs& a, const Layer& L, const Workspac
   auto kernel = gemv_kernel<T, kTokens>;
   const int grid = grid_for(kernel, kGemvThreads, smem, sms, max_units);
   kernel<<<grid, kGemvThreads, smem, stream>>>(static_cast<const T*>(a.x), static_cast<T*>(a.y), L, w.gemv_items,
-                                              w.counts, rows_per_block, stage_x);
+                                              w.counts, a.total_tokens, rows_per_block, stage_x);
   return cudaGetLastError();
 }
 
@@ -490,13 +512,6 @@ extern "C" int qmoe_grouped_matmul(const QmoeGroupedArgs* args, char* error, int
     return 1;
   }
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  const int64_t element = a.dtype == QMOE_FP32 ? 4 : 2;
-
-  // Tokens outside every expert's range (only possible with malformed offsets) read as zero.
-  if (check_cuda(cudaMemsetAsync(a.y, 0, static_cast<size_t>(a.total_tokens * a.rows * element), stream),
-                 "zeroing y", error, error_len)) {
-    return 1;
-  }
 
   Layer L;
   L.codewords = a.codewords;

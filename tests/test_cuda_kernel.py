@@ -154,3 +154,14 @@ def test_corrupt_layer_never_reads_out_of_bounds(dictionary, dict_gpu):
     torch.cuda.synchronize()
     assert torch.isfinite(y).all()
     assert (y[:2, 3] == 0).all()  # the row with an unknown class decodes to nothing
+
+
+def test_malformed_token_offsets_give_zeros(dictionary, dict_gpu):
+    _, layer = make_layer(dictionary, 3, rows=16, cols=64, seed=8)
+    layer = to_gpu(layer)
+    x = torch.randn(6, 64, dtype=torch.bfloat16, device=DEVICE)
+    for bad in ([0, 4, 2, 6], [1, 2, 3, 6], [0, 2, 3, 5]):  # decreasing, not from 0, not to T
+        y = torch.ops.qmoe.ternary_grouped_matmul(
+            x, torch.tensor(bad, device=DEVICE), *(layer[k] for k in ops._LAYER_KEYS),
+            *(dict_gpu[k] for k in ops._DICTIONARY_KEYS))
+        assert (y == 0).all(), bad
