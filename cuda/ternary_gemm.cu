@@ -10,8 +10,8 @@
 //    16-byte dictionary entry; a warp prefix sum of entry lengths gives each lane its first column; the
 //    lane then walks only its entry's nonzeros, adding x[t][col] into a positive or a negative sum for
 //    all kTokens tokens of the item at once (one decode serves them all). The row result is
-//    a * S_neg + b * S_pos, fp32 throughout. x is staged in shared memory transposed, [col][token], so
-//    a nonzero's kTokens activations sit together.
+//    a * S_neg + b * S_pos, fp32 throughout. When a block's warps each cover several rows, x is staged
+//    in shared memory transposed, [col][token], so a nonzero's kTokens activations sit together.
 // 3. tile_kernel (many tokens per expert): a block owns kTileRows weight rows and kTileTokens tokens. It
 //    walks K in kTileK-wide chunks: each thread decodes its own row's chunk into a shared-memory tile of
 //    scaled bf16/fp16 values (a, 0, b), then tensor cores (wmma m16n16k16, fp32 accumulate) multiply the
@@ -46,6 +46,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int64_t kMaxStageBytes = 48 * 1024;  // x staging without the >48 KiB opt-in
+constexpr int64_t kStageMinRowsPerWarp = 4;     // stage x only when each warp reuses it this often
 
 // Tile path. 64 rows x 64 tokens keeps both bf16 tiles plus padding at 34 KiB of static shared memory.
 constexpr int kTileRows = 64;                 // weight rows per block, one decoding thread each
@@ -431,9 +432,6 @@ int grid_for(Kernel kernel, int threads, size_t smem, int sms, int64_t max_units
 
 template <class T, int kTokens>
 cudaError_t launch_gemv(const QmoeGroupedArgs& a, const Layer& L, const Workspace& w, int sms, cudaStream_t stream) {
-  const int64_t stage_bytes = L.cols * kTokens * static_cast<int64_t>(sizeof(T));
-  const bool stage_x = stage_bytes <= kMaxStageBytes;
-  const size_t smem = stage_x ? static_cast<size_t>(stage_bytes) : 0;
   // Items are known only on the device; an upper bound sizes rows per block so that a lone expert still
   // spreads over every SM while a full layer gets longer blocks that reuse their staged x.
   const int64_t max_items =
@@ -442,6 +440,12 @@ cudaError_t launch_gemv(const QmoeGroupedArgs& a, const Layer& L, const Workspac
   const int64_t wanted_row_blocks = std::max<int64_t>(1, 4 * static_cast<int64_t>(sms) / expected_items);
   const int64_t rows_per_block =
       round_up(std::max<int64_t>(kGemvWarps, (L.rows + wanted_row_blocks - 1) / wanted_row_blocks), kGemvWarps);
+  // Staging x costs a block-wide load and barrier before any decode starts; it pays off only when the
+  // block's warps reuse it over several rows each. A block of one row per warp (a lone expert spread over
+  // the GPU, as at batch 1) gathers straight from global memory, where x stays L1/L2-resident anyway.
+  const int64_t stage_bytes = L.cols * kTokens * static_cast<int64_t>(sizeof(T));
+  const bool stage_x = stage_bytes <= kMaxStageBytes && rows_per_block >= kStageMinRowsPerWarp * kGemvWarps;
+  const size_t smem = stage_x ? static_cast<size_t>(stage_bytes) : 0;
   const int64_t max_units = max_items * ((L.rows + rows_per_block - 1) / rows_per_block);
   auto kernel = gemv_kernel<T, kTokens>;
   const int grid = grid_for(kernel, kGemvThreads, smem, sms, max_units);
