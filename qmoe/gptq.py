@@ -6,8 +6,10 @@ layer output ``X W^T`` changes as little as possible, measured by the Hessian ``
 of the squared output error. With ``U`` the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``),
 column ``i`` is rounded to ``q_i`` and the remaining columns are updated by
 ``W[:, j] -= (w_i - q_i) / U[i, i] * U[i, j]`` for ``j > i``. Updates are applied lazily: inside a
-block of ``block_size`` columns one rank-1 update per column touches only the block, and the rest
-of the matrix receives the block's accumulated errors in one matrix product.
+block of ``block_size`` columns the rank-1 update of each column touches only its sub-block of 16
+columns, the rest of the block is updated once per sub-block and the rest of the matrix once per
+block, each with one matrix product of the accumulated errors (mathematically the same result as
+updating every column at once; only float rounding differs).
 
 QMoE's observation is that the experts of a layer are many small, same-shaped problems; here the
 leading dimension ``E`` of ``W [E, rows, cols]`` and ``H [E, cols, cols]`` is batched through every
@@ -44,6 +46,11 @@ import torch
 from .quant import Grid, make_grid
 
 __all__ = ["GPTQResult", "gptq_quantize"]
+
+# Inside a lazy-update block, rank-1 updates are confined to sub-blocks of this many columns and
+# the rest of the block is updated per sub-block with one matrix product: the rank-1 updates are
+# memory-bound, so keeping them small matters more than the block size itself.
+_SUB_BLOCK = 16
 
 
 @dataclass
@@ -165,7 +172,10 @@ def _gptq(w0, H0, bits, ternary_grid, damp, block_size, act_order, group_size, n
     grid = make_grid(w0, bits, ternary_grid, hessian_diag=grid_weight, group_size=group_size)
 
     dead = diag == 0  # [E, cols]
-    W = w0.masked_fill(dead[:, None, :], 0.0)  # [E, rows, cols], working copy updated in place
+    # Working copy, transposed so that a column is contiguous: the per-column updates and the
+    # rank-1 updates inside a block then touch contiguous memory. Quantized columns overwrite it.
+    WT = w0.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # [E, cols, rows]
+    WT.masked_fill_(dead[:, :, None], 0.0)
     H = H0.clone()
     Hd = torch.diagonal(H, dim1=1, dim2=2)  # view: writes go to H
     live = (~dead).sum(dim=1).clamp_min(1)
@@ -182,7 +192,7 @@ def _gptq(w0, H0, bits, ternary_grid, damp, block_size, act_order, group_size, n
 
     if act_order:
         perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True, stable=True)  # [E, cols]
-        W = torch.gather(W, 2, perm[:, None, :].expand(-1, rows, -1))
+        WT = torch.gather(WT, 1, perm[:, :, None].expand(-1, -1, rows))
         H = torch.gather(torch.gather(H, 1, perm[:, :, None].expand(-1, -1, cols)), 2, perm[:, None, :].expand(-1, cols, -1))
         columns = perm
     else:
@@ -200,36 +210,38 @@ def _gptq(w0, H0, bits, ternary_grid, damp, block_size, act_order, group_size, n
     U[fallback] = eye
     del L, Hinv, H
 
-    Q = torch.empty_like(W)  # [E, rows, cols]
     err_sq = torch.zeros(E, dtype=torch.float64, device=device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        count = i2 - i1
-        W1 = W[:, :, i1:i2].clone()  # [E, rows, count]
-        U1 = U[:, i1:i2, i1:i2]  # [E, count, count]
-        Err1 = torch.empty_like(W1)
-        for i in range(count):
-            w_col = W1[:, :, i : i + 1]  # [E, rows, 1]
-            q_col = grid.quantize(w_col, columns[:, i1 + i : i1 + i + 1])
-            Q[:, :, i1 + i : i1 + i + 1] = q_col
-            err = (w_col - q_col) / U1[:, i, i][:, None, None]  # [E, rows, 1]
-            W1[:, :, i:] -= err * U1[:, i : i + 1, i:]  # rank-1 update inside the block
-            Err1[:, :, i : i + 1] = err
-        err_sq += Err1.double().pow(2).sum(dim=(1, 2))
-        if i2 < cols:
-            W[:, :, i2:] -= torch.bmm(Err1, U[:, i1:i2, i2:])  # lazy update of the remaining columns
+        Err1 = torch.empty_like(WT[:, i1:i2])  # [E, count, rows], scaled errors of the block
+        for s1 in range(i1, i2, _SUB_BLOCK):
+            s2 = min(s1 + _SUB_BLOCK, i2)
+            for i in range(s1, s2):
+                w_col = WT[:, i : i + 1]  # [E, 1, rows]
+                q_col = grid.quantize(w_col.transpose(1, 2), columns[:, i : i + 1]).transpose(1, 2)
+                err = (w_col - q_col) / U[:, i, i][:, None, None]  # [E, 1, rows]
+                WT[:, i + 1 : s2] -= U[:, i, i + 1 : s2][:, :, None] * err  # rank-1, sub-block only
+                WT[:, i : i + 1] = q_col
+                Err1[:, i - i1 : i - i1 + 1] = err
+            if s2 < i2:  # rest of the block, from this sub-block's errors
+                WT[:, s2:i2] -= torch.bmm(U[:, s1:s2, s2:i2].transpose(1, 2), Err1[:, s1 - i1 : s2 - i1])
+        err_sq += Err1.double().square().sum(dim=(1, 2))
+        if i2 < cols:  # lazy update of all remaining columns from this block's errors
+            WT[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)
+    del U
 
     if perm is not None:
-        inverse = torch.argsort(perm, dim=1)
-        Q = torch.gather(Q, 2, inverse[:, None, :].expand(-1, rows, -1))
-    del W, U
+        WT = torch.gather(WT, 1, torch.argsort(perm, dim=1)[:, :, None].expand(-1, -1, rows))
+    Q = WT.transpose(1, 2).contiguous()  # [E, rows, cols]
+    del WT
 
     # GPTQ's accumulated squared errors equal tr((W - Q) H_used (W - Q)^T) exactly (W - Q = Err U and
     # U H_used U^T = I); removing the dampening term gives the loss under the Hessian as given. Dead
     # columns are zero in both W and Q, so the dead-column 1s contribute nothing.
-    wd = w0.masked_fill(dead[:, None, :], 0.0)
-    damp_term = lam.double() * (wd - Q).double().pow(2).sum(dim=(1, 2))
-    loss = err_sq - damp_term
+    residual_sq = torch.stack(
+        [(w0[e] - Q[e]).masked_fill(dead[e][None, :], 0.0).square().sum(dtype=torch.float64) for e in range(E)]
+    )  # [E], one expert at a time to keep the scratch small
+    loss = err_sq - lam.double() * residual_sq
     if fallback.any():
         # The loop ran these experts with dead columns zeroed (all of them, without tokens); their
         # result is round-to-nearest of the original weights instead.

@@ -31,9 +31,10 @@ Ternary grid choice (``ternary_grid``):
   ``(sum d w)^2 / sum d`` relative to rounding all of them to 0. Nearest rounding is the best
   assignment for any ``b``, so ``min_b error(b) = min_k error_k``: sorting each row once and
   scanning the prefix sums finds the global optimum (no search grid, no Lloyd iterations). The
-  result is then compared with min/max on the same objective and min/max is kept for any row
-  where it is not worse, so the optimized grid is never worse than min/max by construction,
-  floating-point ties included.
+  min/max level is scored on the same objective and kept for any row half where it is not worse,
+  so the optimized grid is never worse than min/max even where rounding blurs a near-tie. Zero
+  weights in ``hessian_diag`` (dead columns) simply drop out of the objective; a half whose
+  weights are all zero keeps its min/max level.
 
   The optimum places far more weights on ``a`` and ``b`` than min/max does (a Gaussian row ends up
   roughly 45% zeros instead of ~90%), which lowers the error a lot but also makes a
@@ -49,8 +50,8 @@ import torch
 
 __all__ = ["Grid", "make_grid", "quantize_rtn"]
 
-# Elements per chunk when sorting rows for the optimized ternary fit (sort keys, indices and
-# float64 prefix sums together are ~40 bytes per element, so this bounds the scratch to ~160 MB).
+# Elements per chunk when sorting rows for the optimized ternary fit (sorted keys, indices, flipped
+# copies and prefix sums are ~50 bytes per element, so this bounds the scratch to ~200 MB).
 _FIT_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -173,37 +174,55 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1, group_size)
 
 
-def _ternary_error(v: torch.Tensor, d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Weighted error of rounding magnitudes ``v >= 0`` ([N, n]) onto ``{0, b}`` ([N]), in float64."""
-    q = torch.where(v > 0.5 * b[:, None], b[:, None], torch.zeros_like(v))
-    return (d.double() * (v - q).double() ** 2).sum(dim=1)
+def _best_levels(vs: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+    """Optimal ``b`` for magnitudes ``vs`` ([N, n], sorted descending, >= 0) with weights ``ds``.
 
+    Candidate ``k`` puts the ``k`` largest magnitudes on ``b`` = their weighted mean, which lowers
+    the error of rounding them to 0 by ``s1_k^2 / s0_k`` (prefix sums of ``d v`` and ``d``); the
+    best ``k`` maximises that gain. Zero magnitudes (the other half of the row) are never
+    candidates. The min/max level ``b = vs[:, 0]`` gains ``2 b s1_m - b^2 s0_m`` with ``m`` the
+    number of magnitudes above ``b/2``; it is kept unless the optimum gains clearly more (beyond
+    float32 rounding), so that "never worse than min/max" also holds in floating point, e.g. for a
+    constant row where both are the same level up to one ulp.
 
-def _best_ternary_level(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Optimal ``b >= 0`` for rounding magnitudes ``v >= 0`` ([N, n]) onto ``{0, b}`` (see module doc).
-
-    ``d`` ([N, n], >= 0) weights the squared errors. Entries equal to 0 belong to the other half of
-    the row (or are zero weights) and are never put on ``b``. Returns float32 ``[N]``: the row's
-    maximum when no positive entry carries weight (any ``b`` is then equally good), 0 for a row
-    without positive entries.
+    Returns float32 ``[N]``; 0 for an all-zero half.
     """
-    out = torch.empty(v.shape[0], dtype=torch.float32, device=v.device)
-    rows_per_chunk = max(1, _FIT_CHUNK_ELEMENTS // max(1, v.shape[1]))
-    for r0 in range(0, v.shape[0], rows_per_chunk):
-        vc, dc = v[r0 : r0 + rows_per_chunk], d[r0 : r0 + rows_per_chunk]
-        vs, order = torch.sort(vc, dim=1, descending=True, stable=True)  # [n_chunk, n]
-        ds = torch.gather(dc, 1, order)
-        # Prefix sums over the k largest magnitudes; float64 because the gain (s1^2 / s0) compares
-        # candidates whose errors can differ in the 7th digit.
-        s1 = torch.cumsum((ds * vs).double(), dim=1)
-        s0 = torch.cumsum(ds.double(), dim=1)
-        valid = (vs > 0) & (s0 > 0)
-        gain = torch.where(valid, s1 * s1 / torch.where(valid, s0, torch.ones_like(s0)), -1.0)
-        k = torch.argmax(gain, dim=1, keepdim=True)  # [n_chunk, 1], first maximum: deterministic
-        best = (torch.gather(s1, 1, k) / torch.gather(s0, 1, k).clamp_min(1e-300)).squeeze(1)
-        has_gain = torch.gather(valid, 1, k).squeeze(1)
-        out[r0 : r0 + rows_per_chunk] = torch.where(has_gain, best, vs[:, 0].double()).float()
-    return out
+    s1 = torch.cumsum(ds * vs, dim=1)  # [N, n]
+    s0 = torch.cumsum(ds, dim=1)
+    valid = (vs > 0) & (s0 > 0)
+    gain = torch.where(valid, s1 * s1 / torch.where(valid, s0, torch.ones_like(s0)), -1.0)
+    best_gain, k = torch.max(gain, dim=1, keepdim=True)  # [N, 1]
+    best = (torch.gather(s1, 1, k) / torch.gather(s0, 1, k).clamp_min(torch.finfo(torch.float32).tiny)).squeeze(1)
+
+    b_mm = vs[:, 0]  # [N]
+    m = (vs > 0.5 * b_mm[:, None]).sum(dim=1, keepdim=True)  # [N, 1]
+    at_m = (m - 1).clamp_min(0)
+    gain_mm = torch.where(
+        m > 0,
+        2 * b_mm[:, None] * torch.gather(s1, 1, at_m) - b_mm[:, None].square() * torch.gather(s0, 1, at_m),
+        torch.zeros_like(best_gain),
+    )
+    # Require a gain beyond float32 rounding of the prefix sums before leaving min/max.
+    return torch.where((best_gain > gain_mm + 1e-5 * gain_mm.abs()).squeeze(1), best, b_mm)
+
+
+def _optimized_ternary(flat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimized ``(lo, hi)`` ([N] each) for rows ``flat`` [N, n] with error weights ``weight`` [N, n].
+
+    One ascending sort per row serves both halves: the negative weights are a prefix in order of
+    decreasing magnitude, the positive weights a suffix that reads the same way backwards. Rows
+    are processed in chunks to bound the sort's scratch memory.
+    """
+    lo = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    hi = torch.empty_like(lo)
+    rows_per_chunk = max(1, _FIT_CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    for r0 in range(0, flat.shape[0], rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, flat.shape[0])
+        vs, order = torch.sort(flat[r0:r1], dim=1)  # [n_chunk, n], ascending
+        ds = torch.gather(weight[r0:r1], 1, order)
+        lo[r0:r1] = -_best_levels((-vs).clamp_min(0), ds)
+        hi[r0:r1] = _best_levels(vs.flip(1).clamp_min(0), ds.flip(1))
+    return lo, hi
 
 
 def _fit_ternary(wg: torch.Tensor, dg: torch.Tensor | None, optimized: bool):
@@ -215,14 +234,8 @@ def _fit_ternary(wg: torch.Tensor, dg: torch.Tensor | None, optimized: bool):
     n = wg.shape[3]
     flat = wg.reshape(-1, n)  # [N, gs]
     weight = torch.ones_like(flat) if dg is None else dg.expand_as(wg).reshape(-1, n)
-    pos, neg = flat.clamp_min(0), (-flat).clamp_min(0)
-    hi_mm, lo_mm = hi.reshape(-1), -lo.reshape(-1)  # magnitudes of the min/max levels
-    hi_opt = _best_ternary_level(pos, weight)
-    lo_opt = _best_ternary_level(neg, weight)
-    # Keep min/max wherever it is at least as good: guarantees "never worse" despite rounding.
-    hi_opt = torch.where(_ternary_error(pos, weight, hi_opt) < _ternary_error(pos, weight, hi_mm), hi_opt, hi_mm)
-    lo_opt = torch.where(_ternary_error(neg, weight, lo_opt) < _ternary_error(neg, weight, lo_mm), lo_opt, lo_mm)
-    return -lo_opt.reshape(lo.shape), hi_opt.reshape(hi.shape)
+    lo_opt, hi_opt = _optimized_ternary(flat, weight)
+    return lo_opt.reshape(lo.shape), hi_opt.reshape(hi.shape)
 
 
 def _fit_int(wg: torch.Tensor, bits: int):
