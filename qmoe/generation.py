@@ -265,10 +265,11 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the ideal dense baseline (all experts of a layer share one dense weight)")
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_generate_arguments(parser: argparse.ArgumentParser, require_prompt: bool = True) -> argparse.ArgumentParser:
     """Arguments of ``qmoe generate`` (read by :func:`generate_cli`)."""
     _add_load_arguments(parser)
-    parser.add_argument("--prompt", action="append", required=True, help="input text (repeat for a batch)")
+    parser.add_argument("--prompt", action="append", required=require_prompt,
+                        help="input text (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)

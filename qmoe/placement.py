@@ -11,7 +11,8 @@ Per-block memory comes from the checkpoint's manifest and config alone (no weigh
   of the runtime dtype (bf16 on GPUs, possibly float32 on the CPU);
 * compressed experts: the block file's size from the manifest minus its dense bf16 bytes; the
   experts stay in their stored layout in memory, so file bytes are memory bytes (the safetensors
-  header, a few KiB, is counted too: a slight overestimate).
+  header, a few KiB, is counted too: a slight overestimate);
+* the codec dictionary (ternary checkpoints): one copy on every device holding a sparse block.
 
 Placement: for a fixed utilization ``u`` a greedy pass fills device ``i`` with blocks while its
 bytes stay within ``u * budget_i``; the greedy pass is optimal for contiguous runs in a fixed device
@@ -28,14 +29,15 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Collection, Dict, List, Mapping, Sequence
 
 import torch
 
 from .config import SwitchConfig
 
 __all__ = ["PlacementError", "DeviceBudget", "parse_size", "format_bytes", "parse_devices",
-           "block_memory", "balanced_placement", "validate_device_map", "plan_blocks", "plan",
+           "block_memory", "balanced_placement", "validate_device_map", "default_dense_dtype", "plan_blocks",
+           "dictionary_memory", "plan",
            "format_plan", "DEFAULT_HEADROOM"]
 
 DEFAULT_HEADROOM = 0.10
@@ -157,33 +159,43 @@ def block_memory(config: SwitchConfig, block_bytes: Mapping[str, int], dense_dty
     return out
 
 
-def balanced_placement(sizes: Mapping[str, int], budgets: Sequence[int]) -> tuple[List[List[str]], float]:
+def balanced_placement(sizes: Mapping[str, int], budgets: Sequence[int], device_overhead: int = 0,
+                       overhead_blocks: Collection[str] = ()) -> tuple[List[List[str]], float]:
     """Splits blocks (``sizes``, in execution order) into ``len(budgets)`` contiguous runs.
 
-    Returns ``(runs, utilization)``: ``runs[i]`` are the blocks of device ``i`` (possibly empty) and
-    ``utilization`` the smallest achievable ``max_i bytes_i / budgets[i]``; it exceeds 1 when the
-    model does not fit. Devices with a zero budget take no bytes.
+    ``device_overhead``: bytes a device pays once when it holds any block of ``overhead_blocks``
+    (the codec dictionary, one copy per device with ternary layers). Returns ``(runs, utilization)``:
+    ``runs[i]`` are the blocks of device ``i`` (possibly empty) and ``utilization`` the smallest
+    achievable ``max_i bytes_i / budgets[i]``; it exceeds 1 when the model does not fit. Devices with
+    a zero budget take no bytes.
     """
     names = list(sizes)
+    overhead_blocks = set(overhead_blocks)
     if any(b < 0 for b in budgets) or not budgets:
         raise PlacementError(f"device budgets must be non-negative and at least one, got {list(budgets)}")
-    if any(sizes[n] < 0 for n in names):
-        raise PlacementError("block sizes must be non-negative")
+    if any(sizes[n] < 0 for n in names) or device_overhead < 0:
+        raise PlacementError("block sizes and the device overhead must be non-negative")
+
+    def run_bytes(run: Sequence[str]) -> int:
+        return sum(sizes[n] for n in run) + (device_overhead if overhead_blocks.intersection(run) else 0)
 
     def greedy(u: float) -> List[List[str]] | None:
         runs: List[List[str]] = [[] for _ in budgets]
-        i, used = 0, 0
+        i, used, paid = 0, 0, False
         for name in names:
-            size = sizes[name]
-            while i < len(budgets) and used + size > u * budgets[i]:
-                i, used = i + 1, 0
-            if i == len(budgets):
-                return None
+            while True:
+                if i == len(budgets):
+                    return None
+                cost = sizes[name] + (device_overhead if name in overhead_blocks and not paid else 0)
+                if used + cost <= u * budgets[i]:
+                    break
+                i, used, paid = i + 1, 0, False
             runs[i].append(name)
-            used += size
+            used += cost
+            paid = paid or name in overhead_blocks
         return runs
 
-    total = sum(sizes.values())
+    total = sum(sizes.values()) + (device_overhead if overhead_blocks.intersection(names) else 0)
     if total == 0:
         return [names] + [[] for _ in budgets[1:]], 0.0
     if sum(budgets) == 0:
@@ -200,7 +212,7 @@ def balanced_placement(sizes: Mapping[str, int], budgets: Sequence[int]) -> tupl
             break
     runs = greedy(hi)
     assert runs is not None  # hi is always feasible
-    util = max(sum(sizes[n] for n in run) / b if b else 0.0 for run, b in zip(runs, budgets))
+    util = max(run_bytes(run) / b if b else 0.0 for run, b in zip(runs, budgets))
     return runs, util
 
 
@@ -220,26 +232,36 @@ def validate_device_map(device_map: Mapping[str, str], block_names: Sequence[str
     return out
 
 
-def plan_blocks(config: SwitchConfig, block_bytes: Mapping[str, int], devices: Sequence[str] | str | None = None,
-                dense_dtype: torch.dtype | None = None, headroom: float = DEFAULT_HEADROOM) -> dict:
+def default_dense_dtype(devices: Sequence[str]) -> torch.dtype:
+    """The runtime's dtype for dense weights: bf16 when every device is a GPU, else float32 (PyTorch's
+    CPU bf16 matmuls are several times slower than float32 ones)."""
+    return torch.bfloat16 if all(torch.device(d).type == "cuda" for d in devices) else torch.float32
+
+
+def plan_blocks(config: SwitchConfig, block_bytes: Mapping[str, int],
+                devices: Sequence[str | DeviceBudget] | str | None = None, dense_dtype: torch.dtype | None = None,
+                headroom: float = DEFAULT_HEADROOM, dictionary_bytes: int = 0) -> dict:
     """Plans the placement of a model whose block files have sizes ``block_bytes``.
 
-    ``devices``: as in :func:`parse_devices`; ``headroom``: fraction of free memory left unplanned.
-
-    ``dense_dtype`` defaults to bf16 (the runtime's dtype on GPUs). Returns a JSON-able dict::
+    ``devices``: as in :func:`parse_devices`; ``headroom``: fraction of free memory left unplanned;
+    ``dense_dtype``: default :func:`default_dense_dtype`; ``dictionary_bytes``: resident size of the
+    codec dictionary, counted once on every device holding a sparse block (0 for integer experts).
+    Returns a JSON-able dict::
 
         {"fits": bool, "utilization": float, "total_bytes": int,
          "devices": [{"device", "budget_bytes", "explicit", "used_bytes", "blocks": [...]}],
-         "device_map": {block: device}, "block_bytes": {block: resident bytes}}
+         "device_map": {block: device}, "block_bytes": {block: resident bytes}, "dictionary_bytes": int}
     """
-    dense_dtype = dense_dtype or torch.bfloat16
     budgets = parse_devices(devices, headroom)
+    dense_dtype = dense_dtype or default_dense_dtype([b.device for b in budgets])
     sizes = block_memory(config, block_bytes, dense_dtype)
+    sparse_blocks = {f"{stack}.block.{i}" for stack in ("encoder", "decoder")
+                     for i in range(config.num_blocks(stack)) if config.is_sparse(stack, i)}
     # An lm_head tied to the embeddings and not stored is shared.weight itself: it runs where the
     # embeddings live, at no cost, instead of taking a place at the end of the pipeline.
     tied_head = config.tie_word_embeddings and "lm_head" not in block_bytes
     placed = {b: n for b, n in sizes.items() if not (tied_head and b == "lm_head")}
-    runs, util = balanced_placement(placed, [b.budget_bytes for b in budgets])
+    runs, util = balanced_placement(placed, [b.budget_bytes for b in budgets], dictionary_bytes, sparse_blocks)
     if tied_head:
         next(run for run in runs if "shared" in run).append("lm_head")
     device_map = {}
@@ -247,22 +269,32 @@ def plan_blocks(config: SwitchConfig, block_bytes: Mapping[str, int], devices: S
     for budget, run in zip(budgets, runs):
         for block in run:
             device_map[block] = budget.device
+        used = sum(sizes[b] for b in run) + (dictionary_bytes if sparse_blocks.intersection(run) else 0)
         entries.append({"device": budget.device, "budget_bytes": budget.budget_bytes,
-                        "explicit": budget.explicit, "used_bytes": sum(sizes[b] for b in run), "blocks": run})
-    return {"fits": util <= 1.0, "utilization": util, "total_bytes": sum(sizes.values()),
+                        "explicit": budget.explicit, "used_bytes": used, "blocks": run})
+    return {"fits": util <= 1.0, "utilization": util, "total_bytes": sum(e["used_bytes"] for e in entries),
             "dense_dtype": str(dense_dtype).replace("torch.", ""), "headroom": headroom, "devices": entries,
-            "device_map": device_map, "block_bytes": sizes}
+            "device_map": device_map, "block_bytes": sizes, "dictionary_bytes": dictionary_bytes}
+
+
+def dictionary_memory(checkpoint) -> int:
+    """Resident bytes of a checkpoint's codec dictionary as the ops hold it on a device (0 without one)."""
+    if checkpoint.dictionary is None:
+        return 0
+    from .ops import dictionary_tensors
+
+    return sum(t.numel() * t.element_size() for t in dictionary_tensors(checkpoint.dictionary).values())
 
 
 def plan(path: str, devices: Sequence[str] | str | None = None, dense_dtype: torch.dtype | None = None,
          headroom: float = DEFAULT_HEADROOM) -> dict:
-    """:func:`plan_blocks` for a compressed checkpoint folder or Hub id: reads only its manifest and
-    config (``qmoe plan DIR --devices ...``)."""
+    """:func:`plan_blocks` for a compressed checkpoint folder or Hub id (``qmoe plan DIR --devices
+    ...``): reads its manifest, config and the codec dictionary, no block weights."""
     from .storage import open_compressed
 
     ckpt = open_compressed(path)
     sizes = {name: ckpt.block_bytes(name) for name in ckpt.block_names()}
-    result = plan_blocks(ckpt.config, sizes, devices, dense_dtype, headroom)
+    result = plan_blocks(ckpt.config, sizes, devices, dense_dtype, headroom, dictionary_memory(ckpt))
     result["checkpoint"] = str(path)
     return result
 

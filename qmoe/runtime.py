@@ -37,8 +37,8 @@ from torch import nn
 from .config import SwitchConfig
 from .model import (_ACTIVATIONS, Seq2SeqOutput, SparseMLP, SwitchForConditionalGeneration, build_skeleton,
                     materialize)
-from .placement import (DEFAULT_HEADROOM, PlacementError, format_plan, parse_devices, plan_blocks,
-                        validate_device_map)
+from .placement import (DEFAULT_HEADROOM, PlacementError, default_dense_dtype, dictionary_memory, format_plan,
+                        parse_devices, plan_blocks, validate_device_map)
 from .storage import PackedExperts, StorageError, open_compressed, unpack_int_codes
 
 __all__ = ["load_compressed", "PlacedModel", "CompressedExperts", "IdealDenseExperts", "CompressedModelError",
@@ -195,10 +195,6 @@ class IdealDenseExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(F.linear(x_sorted, self.wi)), self.wo)
-
-
-def _default_dtype(devices: Sequence[str]) -> torch.dtype:
-    return torch.bfloat16 if all(torch.device(d).type == "cuda" for d in devices) else torch.float32
 
 
 class PlacedModel(nn.Module):
@@ -376,13 +372,14 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
 
     if device_map is None:
         budgets = parse_devices(devices, headroom)
-        plan_dtype = dtype or _default_dtype([b.device for b in budgets])
-        result = plan_blocks(config, {b: ckpt.block_bytes(b) for b in stored}, budgets, plan_dtype)
+        plan_dtype = dtype or default_dense_dtype([b.device for b in budgets])
+        result = plan_blocks(config, {b: ckpt.block_bytes(b) for b in stored}, budgets, plan_dtype,
+                             dictionary_bytes=0 if ideal_dense else dictionary_memory(ckpt))
         if not result["fits"]:
             raise PlacementError(f"{source}: the model does not fit on the given devices\n{format_plan(result)}")
         device_map = result["device_map"]
     device_map = validate_device_map(device_map, expected)
-    dtype = dtype or _default_dtype(list(device_map.values()))
+    dtype = dtype or default_dense_dtype(list(device_map.values()))
     if dtype not in _RUNTIME_DTYPES:
         raise CompressedModelError(f"runtime dtype must be float32 or bfloat16, got {dtype}")
     if expert_shard is not None and not torch.distributed.is_initialized():

@@ -14,14 +14,17 @@ from qmoe.placement import (PlacementError, balanced_placement, block_memory, fo
 from test_runtime import write_compressed
 
 
-def _brute_force(sizes, budgets):
-    """Smallest max utilization over every split of the ordered blocks into len(budgets) runs."""
-    n, best = len(sizes), float("inf")
+def _brute_force(sizes, budgets, overhead=0, overhead_blocks=()):
+    """Smallest max utilization over every split of the ordered blocks into len(budgets) runs; a run
+    holding any of ``overhead_blocks`` costs ``overhead`` more."""
+    names = list(sizes)
+    n, best = len(names), float("inf")
     for cuts in itertools.combinations_with_replacement(range(n + 1), len(budgets) - 1):
         bounds = (0,) + cuts + (n,)
         util = 0.0
         for i, b in enumerate(budgets):
-            used = sum(sizes[bounds[i]:bounds[i + 1]])
+            run = names[bounds[i]:bounds[i + 1]]
+            used = sum(sizes[x] for x in run) + (overhead if set(run) & set(overhead_blocks) else 0)
             util = max(util, used / b if b else (float("inf") if used else 0.0))
         best = min(best, util)
     return best
@@ -29,18 +32,20 @@ def _brute_force(sizes, budgets):
 
 def test_balanced_placement_is_optimal_against_brute_force():
     rng = random.Random(0)
-    for _ in range(150):
+    for trial in range(200):
         n = rng.randint(1, 8)
         sizes = {f"b{i}": rng.choice([0, rng.randint(1, 100)]) for i in range(n)}
         budgets = [rng.choice([0, rng.randint(1, 200)]) for _ in range(rng.randint(1, 4))]
         if sum(budgets) == 0:
             budgets[0] = 1
-        runs, util = balanced_placement(sizes, budgets)
+        overhead = 0 if trial % 2 else rng.randint(1, 60)
+        special = [b for b in sizes if rng.random() < 0.5]
+        runs, util = balanced_placement(sizes, budgets, overhead, special)
         assert [b for run in runs for b in run] == list(sizes)  # every block once, order kept
-        got = max((sum(sizes[b] for b in run) / bud) if bud else (float("inf") if sum(sizes[b] for b in run) else 0)
-                  for run, bud in zip(runs, budgets))
-        assert got == pytest.approx(util)
-        assert util == pytest.approx(_brute_force(list(sizes.values()), budgets), rel=1e-6)
+        for run, bud in zip(runs, budgets):
+            used = sum(sizes[b] for b in run) + (overhead if set(run) & set(special) else 0)
+            assert used <= util * bud + 1e-6 * max(1, used) or (bud == 0 and used == 0)
+        assert util == pytest.approx(_brute_force(sizes, budgets, overhead, special), rel=1e-6)
 
 
 def test_balanced_placement_respects_budget_ratios():
@@ -82,14 +87,15 @@ def test_validate_device_map():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_reference, c2048_reference):
     out = {}
-    for name, (cfg, _, sd) in (("base", tiny_reference), ("c2048", c2048_reference)):
+    for name, (cfg, _, sd), kind in (("base", tiny_reference, "int4"), ("c2048", c2048_reference, "int4"),
+                                     ("ternary", tiny_reference, "ternary")):
         path = str(tmp_path_factory.mktemp(f"plan_{name}"))
-        write_compressed(path, cfg, sd, "int4")
+        write_compressed(path, cfg, sd, kind)
         out[name] = (path, cfg)
     return out
 
 
-@pytest.mark.parametrize("kind", ["base", "c2048"])
+@pytest.mark.parametrize("kind", ["base", "c2048", "ternary"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_planned_bytes_match_loaded_model(checkpoints, kind, dtype):
     from qmoe.runtime import load_compressed
@@ -102,6 +108,15 @@ def test_planned_bytes_match_loaded_model(checkpoints, kind, dtype):
     n_files = len(result["block_bytes"])
     assert resident <= result["total_bytes"] <= resident + n_files * 16 * 1024
     assert result["fits"] and result["device_map"] == model.device_map
+    assert (result["dictionary_bytes"] > 0) == (kind == "ternary")
+
+
+def test_dictionary_is_counted_once_per_device(checkpoints):
+    path, _ = checkpoints["ternary"]
+    total = plan(path, ["cpu=1GiB"])["total_bytes"]
+    split = plan(path, [f"cpu={total * 2 // 3}", f"cpu:0={total * 2 // 3}"])
+    # The dictionary dominates this tiny model, so both devices hold sparse blocks and pay for it.
+    assert split["total_bytes"] == total + split["dictionary_bytes"]
 
 
 def test_plan_reports_what_does_not_fit(checkpoints):
