@@ -128,8 +128,12 @@ class Tokenizer:
         """Bool tensor, same shape as the integer tensor ``ids``: which ids are ``<extra_id_N>``."""
         return (ids >= self.first_sentinel_id) & (ids < self.vocab_size)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without EOS; literal ``<extra_id_N>`` markers become sentinel ids."""
+    def encode(self, text: str, parse_sentinels: bool = True) -> list[int]:
+        """Token ids of ``text`` without EOS. Literal ``<extra_id_N>`` markers become sentinel ids
+        (as in transformers' T5Tokenizer) unless ``parse_sentinels`` is False, which is how corpus
+        text is encoded so that a document quoting a marker cannot inject a sentinel."""
+        if not parse_sentinels:
+            return self.sp.EncodeAsIds(text)
         ids: list[int] = []
         pos = 0
         for m in _SENTINEL_RE.finditer(text):
@@ -381,7 +385,7 @@ def make_samples(tok: Tokenizer, source: str | os.PathLike | None = None, n: int
             doc = next(docs)
         except StopIteration:
             raise ValueError(f"{source}: the {split} split ran out after {len(samples)} of {n} samples") from None
-        buffer += tok.encode(doc)
+        buffer += tok.encode(doc, parse_sentinels=False)
         while len(buffer) >= length and len(samples) < n:
             window, buffer = buffer[:length], buffer[length:]
             samples.append(span_corrupt(window, tok, rng, noise_density, mean_noise_span_length))

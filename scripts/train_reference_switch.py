@@ -347,10 +347,17 @@ def train(args) -> None:
 
 
 def save(model: SwitchForConditionalGeneration, config: SwitchConfig, out: Path) -> None:
-    """Writes ``config.json`` and a bfloat16 ``model.safetensors`` with transformers tensor names."""
+    """Writes ``config.json`` and a bfloat16 ``model.safetensors`` with transformers tensor names.
+
+    The ``encoder/decoder.embed_tokens.weight`` copies of ``shared.weight`` are stored too: for an
+    untied model transformers loads them as separate tensors and would otherwise initialize them
+    randomly (qmoe's reader drops them).
+    """
     from safetensors.torch import save_file
 
     state = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        state[alias] = state["shared.weight"].clone()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
@@ -369,16 +376,16 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=4, help="blocks per stack; every second one is sparse")
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=350)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--balance-coef", type=float, default=0.01, help="Switch load-balancing loss weight")
     p.add_argument("--z-coef", type=float, default=0.001, help="router z-loss weight")
     p.add_argument("--val-samples", type=int, default=128)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=100)
     train(p.parse_args(argv))
 
 

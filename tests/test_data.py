@@ -273,3 +273,13 @@ def test_c4_without_datasets_is_a_clear_error(tok):
         pass
     with pytest.raises(ImportError, match="datasets"):
         make_samples(tok, "c4", n=1)
+
+
+def test_corpus_text_cannot_inject_sentinels(tok, tmp_path):
+    path = tmp_path / "markers.txt"
+    path.write_text("\n\n".join(f"Paragraph {k} quotes <extra_id_0> and <extra_id_7> literally." for k in range(200)))
+    split = "calibration" if load_documents(path, "calibration") else "validation"
+    for s in make_samples(tok, path, n=4, seed=0, split=split, length=100):
+        window = torch.tensor(reconstruct(s, tok))
+        assert not tok.is_sentinel(window).any()
+        assert "<extra_id_0>" in tok.decode(window)  # the marker survives as plain text pieces
