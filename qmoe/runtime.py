@@ -65,7 +65,8 @@ def _slice_packed(packed: PackedExperts, lo: int, hi: int) -> PackedExperts:
     if packed.kind == "ternary":
         eo = t["expert_offsets"]
         start, stop = int(eo[lo]), int(eo[hi])
-        tensors = {"codewords": t["codewords"][start:stop].clone(),
+        # Per-matrix entries (the dictionary fingerprint) carry over; per-expert arrays are cut.
+        tensors = {**t, "codewords": t["codewords"][start:stop].clone(),
                    "expert_offsets": (eo[lo:hi + 1] - start).clone(),
                    "row_offsets": t["row_offsets"][lo:hi].clone(),
                    "row_class": t["row_class"][lo:hi].clone(),
