@@ -140,7 +140,10 @@ def test_import_needs_no_gpu_and_missing_extension_is_a_clear_error(monkeypatch)
             "assert not torch.cuda.is_initialized(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
-    monkeypatch.setitem(sys.modules, "qmoe._cuda", None)  # makes `from . import _cuda` fail
+    import qmoe
+
+    monkeypatch.setitem(sys.modules, "qmoe._cuda", None)  # makes `from . import _cuda` fail ...
+    monkeypatch.delattr(qmoe, "_cuda", raising=False)  # ... even after an earlier successful import
     with pytest.raises(RuntimeError, match="qmoe._cuda.*not built"):
         ops._cuda_extension()
     assert ops.cuda_available() is False
