@@ -71,6 +71,15 @@ def cmd_compress(args) -> int:
     from .compress import CompressSettings, compress
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun every rank runs this command; ranks split each block's expert groups.
+        import torch.distributed as dist
+
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            device = f"cuda:{torch.cuda.current_device()}"
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     settings = CompressSettings(
         bits=args.bits, method=args.method, ternary_grid=args.ternary_grid, samples=args.samples,
         val_samples=args.val_samples, seed=args.seed, data=args.data, sample_length=args.sample_length,
@@ -81,6 +90,8 @@ def cmd_compress(args) -> int:
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     report = compress(args.source, args.out, settings, progress=not args.quiet, log=log,
                       overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if args.json:
         _print_json(report)
         return 0

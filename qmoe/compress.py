@@ -129,11 +129,12 @@ class Stream:
     def lengths(self, decoder: bool) -> List[int]:
         return [int((s.labels if decoder else s.input_ids).numel()) for s in self.samples]
 
-    def token_ids(self, decoder: bool) -> torch.Tensor:
-        """Input token ids of every sample, concatenated like the stores' rows."""
+    def token_ids(self, decoder: bool, start_id: int = 0) -> torch.Tensor:
+        """Input token ids of every sample, concatenated like the stores' rows (decoder: the labels
+        shifted right behind ``start_id``)."""
         if not decoder:
             return torch.cat([s.input_ids for s in self.samples])
-        return torch.cat([torch.cat([s.labels.new_zeros(1), s.labels[:-1]]) for s in self.samples])
+        return torch.cat([torch.cat([s.labels.new_full((1,), start_id), s.labels[:-1]]) for s in self.samples])
 
 
 def _hessian_mask(stream: Stream, decoder: bool, tokenizer, enabled: bool) -> torch.Tensor:
@@ -251,6 +252,15 @@ def _stored_grid(grid: Grid) -> Grid:
                 None if grid.zero is None else grid.zero.round(), grid.group_size, grid.cols)
 
 
+def _fault_point(point: str, block: str) -> None:
+    """Test hook: ``QMOE_FAULT=<point>:<block>`` SIGKILLs the process there (crash-safety tests)."""
+    spec = os.environ.get("QMOE_FAULT")
+    if spec and spec == f"{point}:{block}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -272,14 +282,14 @@ class Compressor:
         self.timings: Dict[str, float] = {}
         self._downloaded: Dict[str, int] = {}
 
-        if overwrite and self.dist.rank == 0 and os.path.exists(os.path.join(out_dir, WORK_DIR)):
-            shutil.rmtree(os.path.join(out_dir, WORK_DIR))
-        if (self.dist.rank == 0 and os.path.exists(os.path.join(out_dir, storage.MANIFEST))
-                and not os.path.exists(os.path.join(out_dir, WORK_DIR))):
-            if not overwrite:
+        if self.dist.rank == 0:
+            if overwrite:
+                storage.remove_checkpoint_files(out_dir)
+                shutil.rmtree(os.path.join(out_dir, WORK_DIR), ignore_errors=True)
+            elif (os.path.exists(os.path.join(out_dir, storage.MANIFEST))
+                  and not os.path.exists(os.path.join(out_dir, WORK_DIR))):
                 raise CompressError(f"{out_dir} already holds a finished compressed checkpoint; "
                                     "pass --overwrite to replace it")
-            os.remove(os.path.join(out_dir, storage.MANIFEST))
         self.dist.barrier()
 
         self.reader = CheckpointReader(self.source, on_shard_done=self._shard_done)
@@ -400,10 +410,13 @@ class Compressor:
             self._check_disk_budget(name)
             t0 = time.time()
             entry = self._process_block(name)
+            _fault_point("after-block-file", name)
             self.timings[name] = time.time() - t0
             states = self._commit_states(index)
+            _fault_point("after-states", name)
             self.journal.commit(entry, states, {"layers": self.report_layers,
                                                 "losses": getattr(self, "_losses", None)})
+            _fault_point("after-journal", name)
         return self._finish(time.time() - t_start)
 
     def _prepare_shared_tensors(self, done: List[str]) -> None:
@@ -452,7 +465,7 @@ class Compressor:
         emb_q = _bf16_round(emb_ref)
         for st in self.streams:
             store = self._new_store(st, "hidden", decoder)
-            ids = st.token_ids(decoder)
+            ids = st.token_ids(decoder, self.config.decoder_start_token_id)
             table = emb_q if st.quantized else emb_ref
             chunk = 1 << 15
             for i in range(0, len(ids), chunk):
@@ -608,6 +621,8 @@ class Compressor:
             for gi in round_groups:
                 if gi % self.dist.world == self.dist.rank:
                     results[gi] = self._expert_group(mlp, groups[gi], tensors, routes, order, masks, outputs)
+            if round_start == 0:
+                _fault_point("mid-block", name)
             for gi in round_groups:
                 res = self._share_group_result(results.get(gi), groups[gi], order, gi % self.dist.world)
                 for m in ("wi", "wo"):
@@ -814,7 +829,7 @@ class Compressor:
                   "layers": self.report_layers}
         if self.dist.rank == 0:
             if self.dictionary is not None:
-                storage.write_dictionary(self.out_dir, self.dictionary)
+                storage.write_dictionary(self.out_dir, self.dictionary, builtin=self.settings.codec_mode)
             config = self.config.to_dict()
             config["quantization_config"] = quant_cfg
             storage.atomic_write_json(os.path.join(self.out_dir, "config.json"), config)
@@ -823,11 +838,13 @@ class Compressor:
                                       {k: v for k, v in report.items() if k not in ("timings", "seconds",
                                                                                     "peak_rss_bytes",
                                                                                     "peak_gpu_bytes", "out")})
+            _fault_point("before-manifest", "all")
             manifest = storage.write_manifest(self.out_dir, self.reader.block_names())
             total_bytes = sum(f["bytes"] for rel, f in manifest["files"].items() if rel.startswith("blocks/")
                               or rel == storage.DICTIONARY_FILE)
-            report["model_bits_per_param"] = 8.0 * total_bytes / self.config.num_parameters() \
-                if hasattr(self.config, "num_parameters") else None
+            from .stats import model_parameters
+
+            report["model_bits_per_param"] = 8.0 * total_bytes / model_parameters(self.config)["total"]
             shutil.rmtree(os.path.join(self.out_dir, WORK_DIR), ignore_errors=True)
         self.dist.barrier()
         return report

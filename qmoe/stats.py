@@ -6,11 +6,11 @@ from typing import Dict
 
 import numpy as np
 
-from .storage import DICTIONARY_FILE, block_file, open_compressed
+from .storage import DICTIONARY_FILE, DICTIONARY_REF, block_file, open_compressed
 
 _COMPONENTS = {"codewords": "codewords", "row_offsets": "offsets", "expert_offsets": "offsets",
                "scales": "scales", "row_class": "row_class", "qweight": "codes", "scale": "scales",
-               "zero": "scales"}
+               "zero": "scales", "dictionary_fingerprint": "header"}
 
 
 def model_parameters(config) -> Dict[str, int]:
@@ -39,6 +39,7 @@ def checkpoint_stats(source: str, decode: bool = True) -> dict:
     ckpt = open_compressed(source)
     params = model_parameters(ckpt.config)
     files = ckpt.manifest["files"]
+    # A built-in dictionary ships with qmoe (DICTIONARY_REF names it), like QMoE's static table.
     dict_bytes = files.get(DICTIONARY_FILE, {}).get("bytes", 0)
     components: Dict[str, int] = {}
     layers = []
@@ -81,6 +82,7 @@ def checkpoint_stats(source: str, decode: bool = True) -> dict:
         "expert_bits_by_component": {**{k: 8.0 * v / experts for k, v in sorted(components.items())},
                                      "dictionary": 8.0 * dict_bytes / experts} if experts else {},
         "dictionary_bytes": dict_bytes,
+        "dictionary": "built-in" if DICTIONARY_REF in files else ("stored" if dict_bytes else None),
         "layers": layers,
     }
 

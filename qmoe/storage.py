@@ -4,7 +4,8 @@ A compressed checkpoint is a folder (or a Hub repository with the same files)::
 
     config.json              model config (quirks already fixed) + ``quantization_config``
     qmoe_manifest.json       format version, block order, every file's size and sha256
-    dictionary.safetensors   codec dictionary shared by all ternary matrices (ternary only)
+    dictionary.safetensors   codec dictionary shared by all ternary matrices (ternary only), or
+    dictionary.json          a reference to a built-in dictionary by name and sha256 fingerprint
     blocks/<block>.safetensors   one file per block, in execution order
     spiece.model, ...        tokenizer files copied from the source
 
@@ -17,6 +18,7 @@ one kernel launch can address all of them (``codec/FORMAT.md``, "layer layout"):
     <mlp>.experts.<m>.row_offsets     int32  [E, rows+1]  per-row offsets relative to the expert start
     <mlp>.experts.<m>.row_class       uint8  [E, rows]    dictionary class of each row
     <mlp>.experts.<m>.scales          bf16   [E, rows, 2] (a, b): -1 -> a, 0 -> 0, +1 -> b
+    <mlp>.experts.<m>.dictionary_fingerprint  uint8 [32]  sha256 of the dictionary the codes need
 
 Integer (2/3/4-bit) experts store ``qweight`` uint8 [E, rows, ceil(cols * bits / 8)] (little-endian bit
 packing along a row), ``scale`` bf16 [E, rows, groups] and ``zero`` uint8 [E, rows, groups];
@@ -37,13 +39,13 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 from .config import SwitchConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "qmoe_manifest.json"
 DICTIONARY_FILE = "dictionary.safetensors"
+DICTIONARY_REF = "dictionary.json"
 BLOCK_DIR = "blocks"
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -84,11 +86,38 @@ def atomic_write_json(path: str, obj) -> str:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+
+
+def serialize_safetensors(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """safetensors bytes with a canonical header (sorted keys), so equal inputs give equal bytes.
+
+    The reference serializer orders its JSON header by hash map iteration, which differs between
+    processes; resumed runs must reproduce files byte for byte, hence this small writer.
+    """
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
 def atomic_save_safetensors(path: str, tensors: Dict[str, torch.Tensor],
                             metadata: Optional[Dict[str, str]] = None) -> str:
-    """Serializes tensors (sorted by name, so equal inputs give equal bytes) and writes atomically."""
-    ordered = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
-    return atomic_write_bytes(path, st_save(ordered, metadata=metadata))
+    """Serializes tensors canonically (see :func:`serialize_safetensors`) and writes atomically."""
+    return atomic_write_bytes(path, serialize_safetensors(tensors, metadata))
 
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:
@@ -152,7 +181,7 @@ class PackedExperts:
     tensors: Dict[str, torch.Tensor]
     dictionary: object = None  # qmoe.codec.Dictionary for ternary matrices
 
-    TERNARY_KEYS = ("codewords", "expert_offsets", "row_offsets", "row_class", "scales")
+    TERNARY_KEYS = ("codewords", "expert_offsets", "row_offsets", "row_class", "scales", "dictionary_fingerprint")
     INT_KEYS = ("qweight", "scale", "zero")
 
     # -- construction ------------------------------------------------------------------------
@@ -174,6 +203,8 @@ class PackedExperts:
             "scales": torch.from_numpy(
                 np.ascontiguousarray(layer["scales"], dtype=np.uint16).view(np.int16).copy()
             ).view(torch.bfloat16),
+            "dictionary_fingerprint": torch.from_numpy(
+                np.asarray(layer["dictionary_fingerprint"], dtype=np.uint8).copy()),
         }
         return cls("ternary", 0, len(encoded), rows, cols, tensors, dictionary)
 
@@ -233,6 +264,10 @@ class PackedExperts:
             expect("row_offsets", torch.int32, (E, R + 1))
             expect("row_class", torch.uint8, (E, R))
             expect("scales", torch.bfloat16, (E, R, 2))
+            expect("dictionary_fingerprint", torch.uint8, (32,))
+            if bytes(t["dictionary_fingerprint"].tolist()).hex() != self.dictionary.fingerprint:
+                raise StorageError(f"{where}: encoded with another dictionary than the checkpoint's "
+                                   f"{DICTIONARY_FILE}")
             eo = t["expert_offsets"]
             if eo[0].item() != 0 or eo[-1].item() != n or bool((eo[1:] < eo[:-1]).any()):
                 raise StorageError(f"{where}.expert_offsets: must rise from 0 to {n} codewords")
@@ -270,7 +305,8 @@ class PackedExperts:
                  else v.cpu().view(torch.int16).numpy().view(np.uint16)
                  for k, v in self.tensors.items()}
         layer["row_offsets"] = layer["row_offsets"].astype(np.uint32)
-        return codec.unpack_expert(layer, e, rows=self.rows, cols=self.cols, dictionary=self.dictionary)
+        layer["shape"] = np.array([self.rows, self.cols], dtype=np.int64)
+        return codec.unpack_expert(layer, e, dictionary=self.dictionary)
 
     def dequantize(self, e: int) -> torch.Tensor:
         """Expert ``e``'s weight, float32 [rows, cols], exactly as stored."""
@@ -318,13 +354,30 @@ def write_block(out_dir: str, block_name: str, dense: Dict[str, torch.Tensor],
     return atomic_save_safetensors(os.path.join(out_dir, block_file(block_name)), tensors, meta)
 
 
-def write_dictionary(out_dir: str, dictionary) -> str:
-    from safetensors.numpy import save as np_save
+BUILTIN_DICTIONARIES = {"tunstall": "default_dictionary", "qmoe": "qmoe_dictionary"}
 
+
+def builtin_dictionary(name: str):
+    from . import codec
+
+    if name not in BUILTIN_DICTIONARIES:
+        raise StorageError(f"unknown built-in dictionary {name!r}; known: {sorted(BUILTIN_DICTIONARIES)}")
+    return getattr(codec, BUILTIN_DICTIONARIES[name])()
+
+
+def write_dictionary(out_dir: str, dictionary, builtin: Optional[str] = None) -> str:
+    """Stores the codec dictionary. A built-in dictionary (rebuilt deterministically by qmoe itself,
+    like QMoE's static table) is stored as a reference with its fingerprint, so it costs no bits; any
+    other (fitted) dictionary is stored whole."""
+    if builtin is not None:
+        if builtin_dictionary(builtin).fingerprint != dictionary.fingerprint:
+            raise ValueError(f"dictionary is not the built-in {builtin!r} dictionary")
+        return atomic_write_json(os.path.join(out_dir, DICTIONARY_REF),
+                                 {"builtin": builtin, "fingerprint": dictionary.fingerprint})
     arrays, metadata = dictionary.to_tensors()  # numpy arrays + {"qmoe_codec": JSON string}
     meta = {"qmoe.format_version": str(FORMAT_VERSION), **metadata}
-    data = np_save({k: np.ascontiguousarray(arrays[k]) for k in sorted(arrays)}, metadata=meta)
-    return atomic_write_bytes(os.path.join(out_dir, DICTIONARY_FILE), data)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    return atomic_save_safetensors(os.path.join(out_dir, DICTIONARY_FILE), tensors, meta)
 
 
 def copy_tokenizer(src_dir: str, out_dir: str) -> List[str]:
@@ -428,6 +481,15 @@ class CompressedCheckpoint:
 
     @property
     def dictionary(self):
+        if self._dictionary is None and DICTIONARY_REF in self.manifest["files"]:
+            with open(self._fetch_checked(DICTIONARY_REF)) as f:
+                ref = json.load(f)
+            dictionary = builtin_dictionary(ref.get("builtin"))
+            if dictionary.fingerprint != ref.get("fingerprint"):
+                raise StorageError(f"{self.source}/{DICTIONARY_REF}: built-in dictionary {ref.get('builtin')!r} "
+                                   f"of this qmoe has fingerprint {dictionary.fingerprint[:16]}..., the checkpoint "
+                                   f"needs {str(ref.get('fingerprint'))[:16]}...")
+            self._dictionary = dictionary
         if self._dictionary is None and DICTIONARY_FILE in self.manifest["files"]:
             from . import codec
 
@@ -479,5 +541,11 @@ def is_compressed_checkpoint(source: str) -> bool:
     return os.path.isdir(source) and os.path.exists(os.path.join(source, MANIFEST))
 
 
-def remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def remove_checkpoint_files(out_dir: str) -> None:
+    """Deletes what a compressed checkpoint consists of (never other files in ``out_dir``)."""
+    for name in (MANIFEST, "config.json", DICTIONARY_FILE, DICTIONARY_REF, "qmoe_report.json", "README.md",
+                 *TOKENIZER_FILES):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    shutil.rmtree(os.path.join(out_dir, BLOCK_DIR), ignore_errors=True)
