@@ -143,6 +143,43 @@ QMOE_HD int64_t decode_row(const uint16_t* codewords, RowRange range, const Pack
   return col;
 }
 
+// A row's decode position for tiled decoding: the next codeword to expand, its first column and its
+// entry (already fetched). Tiles are visited left to right; see decode_window.
+struct RowCursor {
+  int64_t index;
+  int64_t col;
+  PackedEntry current;
+};
+
+// Starts a cursor at the row's first codeword. `load(i)` returns the entry of codeword i.
+template <class Load>
+QMOE_HD RowCursor row_cursor(RowRange range, Load&& load) {
+  RowCursor c;
+  c.index = range.begin;
+  c.col = 0;
+  c.current = PackedEntry{0, 0, 0};
+  if (range.begin < range.end) c.current = load(range.begin);
+  return c;
+}
+
+// Expands the row's symbols in columns [k0, k_end) (k0 = the previous window's k_end, or 0), calling
+// emit(col, is_negative) for each nonzero, and advances the cursor. A codeword that reaches past k_end
+// stays at the cursor and is expanded again by the next window, which keeps only its remaining columns.
+// The next codeword's entry is fetched before the current one is expanded, so on the GPU its load
+// latency overlaps the expansion. Entries of length 0 (unused slots, only in corrupt data) still advance.
+template <class Load, class Emit>
+QMOE_HD void decode_window(RowCursor& c, RowRange range, int64_t k0, int64_t k_end, Load&& load, Emit&& emit) {
+  while (c.index < range.end && c.col < k_end) {
+    PackedEntry next{0, 0, 0};
+    if (c.index + 1 < range.end) next = load(c.index + 1);
+    for_each_nonzero(c.current, c.col, k0, k_end, emit);
+    if (c.col + c.current.length > k_end) break;
+    c.col += c.current.length;
+    ++c.index;
+    c.current = next;
+  }
+}
+
 // Dot products of one row with n_tokens activation vectors, split by sign: pos[t] += sum of x[t][c]
 // over +1 symbols, neg[t] += sum over -1 symbols, for the symbols of entry `e` starting at column
 // first_col (cut at cols). The row's output is then a * neg + b * pos. `load(t, c)` returns x[t][c] as

@@ -121,6 +121,35 @@ PYBIND11_MODULE(_codec_host, m) {
       "Returns (int8 [rows, cols] symbols, int64 [rows] expanded length of each row, bool [rows] offsets valid).");
 
   m.def(
+      "decode_rows_tiled",
+      [](Array<uint16_t> codewords, Array<uint32_t> row_offsets, Array<uint8_t> row_class, Array<int64_t> packed,
+         int64_t cols, int64_t tile) {
+        require(cols >= 0, "cols must be >= 0");
+        require(tile >= 1, "tile must be >= 1");
+        int64_t num_classes = 0;
+        const qmoe::PackedEntry* table = packed_table(packed, &num_classes);
+        const MatrixView mat = matrix_view(codewords, row_offsets, row_class, num_classes);
+        Array<int8_t> out({mat.rows, cols});
+        std::fill(out.mutable_data(), out.mutable_data() + out.size(), int8_t{0});
+        for (int64_t r = 0; r < mat.rows; ++r) {
+          const qmoe::RowRange range = qmoe::row_range(mat.row_offsets, r, 0, mat.n_codewords);
+          const qmoe::PackedEntry* row_table = table + static_cast<int64_t>(mat.row_class[r]) * qmoe::kEntriesPerClass;
+          auto load = [&](int64_t i) { return row_table[mat.codewords[i]]; };
+          int8_t* row = out.mutable_data() + r * cols;
+          qmoe::RowCursor cursor = qmoe::row_cursor(range, load);
+          for (int64_t k0 = 0; k0 < cols; k0 += tile) {
+            qmoe::decode_window(cursor, range, k0, std::min(cols, k0 + tile), load,
+                                [&](int64_t c, bool negative) { row[c] = negative ? -1 : 1; });
+          }
+        }
+        return out;
+      },
+      py::arg("codewords"), py::arg("row_offsets"), py::arg("row_class"), py::arg("packed"), py::arg("cols"),
+      py::arg("tile"),
+      "Decodes every row window by window (qmoe::decode_window, as the tensor-core kernel fills its tiles)\n"
+      "with windows of `tile` columns. Arrays as in decode_rows; returns int8 [rows, cols].");
+
+  m.def(
       "row_dot",
       [](Array<float> x, Array<uint16_t> codewords, Array<uint32_t> row_offsets, Array<uint8_t> row_class,
          Array<float> scales, Array<int64_t> packed, int64_t cols) {

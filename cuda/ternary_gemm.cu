@@ -295,10 +295,8 @@ __global__ void __launch_bounds__(kTileThreads)
     if (my_row < L.rows) src = row_source(L, item.expert, my_row);
     const T value_neg = from_float<T>(src.a);
     const T value_pos = from_float<T>(src.b);
-    int64_t cursor = src.range.begin;  // next codeword to expand
-    int64_t cursor_col = 0;            // its first column
-    PackedEntry current{0, 0, 0};      // its entry, carried across K steps
-    if (cursor < src.range.end) current = load_entry(src.table, L.codewords[cursor]);
+    auto load = [&](int64_t i) { return load_entry(src.table, L.codewords[i]); };
+    qmoe::RowCursor cursor = qmoe::row_cursor(src.range, load);  // carried across K steps
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTileTokens / 16][2];
 #pragma unroll
@@ -323,19 +321,10 @@ __global__ void __launch_bounds__(kTileThreads)
       }
       __syncthreads();
 
-      // Expand this row's codewords covering [k0, k_end). A codeword reaching past k_end is left at the
-      // cursor and expanded again next step, which then keeps only its remaining columns.
+      // Scatter this row's nonzeros in [k0, k_end) into the zeroed tile row.
       T* w_row = w_tile + tid * kTileLd;
-      while (cursor < src.range.end && cursor_col < k_end) {
-        PackedEntry next{0, 0, 0};  // issued before the scatter so the load latency overlaps it
-        if (cursor + 1 < src.range.end) next = load_entry(src.table, L.codewords[cursor + 1]);
-        qmoe::for_each_nonzero(current, cursor_col, k0, k_end,
-                               [&](int64_t c, bool negative) { w_row[c - k0] = negative ? value_neg : value_pos; });
-        if (cursor_col + current.length > k_end) break;
-        cursor_col += current.length;
-        ++cursor;
-        current = next;
-      }
+      qmoe::decode_window(cursor, src.range, k0, k_end, load,
+                          [&](int64_t c, bool negative) { w_row[c - k0] = negative ? value_neg : value_pos; });
       __syncthreads();
 
 #pragma unroll

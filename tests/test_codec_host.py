@@ -109,6 +109,16 @@ def test_decode_rows_equals_codec_decode(dictionary, rows, cols):
         assert symbols[r] >= cols > symbols[r] - int(row_lengths[-1])
 
 
+@pytest.mark.parametrize("tile", [1, 7, 64, 128, 5000])
+def test_tiled_decode_equals_codec_decode(dictionary, tile):
+    # The tensor-core path decodes window by window, re-expanding codewords that straddle a window edge.
+    rng = np.random.default_rng(tile)
+    rows, cols = 23, 517
+    enc = codec.encode(random_ternary(rng, rows, cols), dictionary=dictionary)
+    decoded = host.decode_rows_tiled(enc.codewords, enc.row_offsets, enc.row_class, packed(dictionary), cols, tile)
+    np.testing.assert_array_equal(decoded, codec.decode(enc))
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 8, 9, 17])
 def test_row_dot_equals_dense_matmul(dictionary, tokens):
     rng = np.random.default_rng(tokens)
