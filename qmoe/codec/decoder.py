@@ -10,19 +10,20 @@ import numba
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from ._parallel import row_bounds
 from .matrix import EncodedMatrix, bf16_bits_to_float, validate
 
 __all__ = ["decode", "dequantize"]
 
 
-@numba.njit(parallel=True, cache=True)
-def _decode(codewords, row_offsets, row_class, entry_length, entry_nonzero, entry_negative, values, out):
-    """out[r, j] = values[r, symbol + 1] for every symbol of row r; only the nonzero bits of each
-    entry are visited (zeros come from the fill), the last entry's overshoot is dropped.
+@numba.njit(cache=True)
+def _decode(lo, hi, codewords, row_offsets, row_class, entry_length, entry_nonzero, entry_negative, values, out):
+    """out[r, j] = values[r, symbol + 1] for every symbol of rows r in [lo, hi); only the nonzero bits
+    of each entry are visited (zeros come from the fill), the last entry's overshoot is dropped.
 
     values: [rows, 3] of out's dtype, the decoded value of symbols -1, 0, +1 per row."""
-    rows, cols = out.shape
-    for r in numba.prange(rows):
+    cols = out.shape[1]
+    for r in range(lo, hi):
         k = row_class[r]
         neg_value = values[r, 0]
         pos_value = values[r, 2]
@@ -42,11 +43,24 @@ def _decode(codewords, row_offsets, row_class, entry_length, entry_nonzero, entr
             col += entry_length[k, c]
 
 
+@numba.njit(parallel=True, cache=True)
+def _decode_parallel(bounds, codewords, row_offsets, row_class, entry_length, entry_nonzero, entry_negative,
+                     values, out):
+    for i in numba.prange(bounds.shape[0] - 1):
+        _decode(bounds[i], bounds[i + 1], codewords, row_offsets, row_class, entry_length, entry_nonzero,
+                entry_negative, values, out)
+
+
 def _run(enc: EncodedMatrix, values: np.ndarray) -> np.ndarray:
     d = enc.dictionary
     out = np.empty((enc.rows, enc.cols), dtype=values.dtype)
-    _decode(np.asarray(enc.codewords), np.asarray(enc.row_offsets), np.asarray(enc.row_class),
+    args = (np.asarray(enc.codewords), np.asarray(enc.row_offsets), np.asarray(enc.row_class),
             d.entry_length, d.entry_nonzero, d.entry_negative, values, out)
+    bounds = row_bounds(enc.rows, enc.rows * enc.cols)
+    if bounds is None:
+        _decode(0, enc.rows, *args)
+    else:
+        _decode_parallel(bounds, *args)
     return out
 
 

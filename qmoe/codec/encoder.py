@@ -1,7 +1,7 @@
 """Encoder (codec/FORMAT.md 3.1, 3.4): ternary int8 matrix -> :class:`EncodedMatrix`.
 
-Rows are independent, so numba encodes them in parallel (``prange`` over groups of four rows) in
-one pass: each row is walked through its class's trie into a per-row scratch line of ``cols``
+Rows are independent, so numba encodes them in parallel (row chunks over threads, see
+``_parallel``) in one pass: each row is walked through its class's trie into a per-row scratch line of ``cols``
 codewords (a row never needs more; the untouched tail of the ``np.empty`` scratch is never paged
 in), then the lines are compacted behind a prefix sum of the per-row counts. One trie step is one
 table load.
@@ -13,6 +13,7 @@ import numba
 import numpy as np
 
 from .dictionary import Dictionary, default_dictionary
+from ._parallel import row_bounds
 from .matrix import EncodedMatrix, float_to_bf16_bits
 
 __all__ = ["encode", "CLASS_SELECTIONS"]
@@ -122,26 +123,23 @@ def _choose_class(row, tries, class_cost, exact):
     return best, True
 
 
-@numba.njit(parallel=True, cache=True)
-def _encode_tunstall(ternary, tries, class_cost, exact, row_class, scratch, counts):
-    """Encodes every row; returns the first row holding a value outside -1/0/1, or -1.
+@numba.njit(cache=True)
+def _encode_tunstall(lo, hi, ternary, tries, class_cost, exact, row_class, scratch, counts, bad):
+    """Encodes rows [lo, hi) (lo a multiple of 4) in groups of four; flags rows holding a value
+    outside -1/0/1 in bad (and skips their group).
 
     tries: int32 [K, nodes, 3] (Dictionary.encoder_tables); class_cost: float64 [K, 3], -log2 of
-    each class's design probabilities; row_class, counts: outputs [rows]; scratch: uint16 [rows, cols].
+    each class's design probabilities; row_class, counts, bad: outputs [rows]; scratch: uint16
+    [rows, cols].
     """
-    rows = ternary.shape[0]
-    groups = (rows + 3) // 4
-    bad = np.full(rows, -1, dtype=np.int64)
-    for g in numba.prange(groups):
-        first = 4 * g
-        last = min(first + 4, rows)
+    for first in range(lo, hi, 4):
+        last = min(first + 4, hi)
         valid = True
         for r in range(first, last):
             k, ok = _choose_class(ternary[r], tries, class_cost, exact)
             row_class[r] = k
-            if not ok:
-                bad[r] = r
-                valid = False
+            bad[r] = not ok
+            valid &= ok
         if not valid:
             continue
         if last - first == 4:
@@ -152,26 +150,28 @@ def _encode_tunstall(ternary, tries, class_cost, exact, row_class, scratch, coun
         else:
             for r in range(first, last):
                 counts[r] = _walk(ternary[r], tries[row_class[r]], scratch[r])
-    for r in range(rows):
-        if bad[r] >= 0:
-            return r
-    return -1
 
 
 @numba.njit(parallel=True, cache=True)
-def _encode_pairs(ternary, children, node_code, scratch, counts):
-    """Greedy longest match over symbol pairs (qmoe-pairs mode, FORMAT.md 3.1); odd widths end with
-    a virtual zero. children: int32 [nodes, 9] (0 = no child), node_code: int32 [nodes]. Returns the
-    first row holding a value outside -1/0/1, or -1."""
-    rows, cols = ternary.shape
-    bad = np.full(rows, -1, dtype=np.int64)
-    for r in numba.prange(rows):
+def _encode_tunstall_parallel(bounds, ternary, tries, class_cost, exact, row_class, scratch, counts, bad):
+    for i in numba.prange(bounds.shape[0] - 1):
+        _encode_tunstall(bounds[i], bounds[i + 1], ternary, tries, class_cost, exact, row_class, scratch,
+                         counts, bad)
+
+
+@numba.njit(cache=True)
+def _encode_pairs(lo, hi, ternary, children, node_code, scratch, counts, bad):
+    """Greedy longest match over symbol pairs (qmoe-pairs mode, FORMAT.md 3.1) for rows [lo, hi);
+    odd widths end with a virtual zero. children: int32 [nodes, 9] (0 = no child), node_code: int32
+    [nodes]. Rows holding a value outside -1/0/1 are flagged in bad and skipped."""
+    cols = ternary.shape[1]
+    for r in range(lo, hi):
         row = ternary[r]
+        invalid = False
         for j in range(cols):
-            if row[j] < -1 or row[j] > 1:
-                bad[r] = r
-                break
-        if bad[r] >= 0:
+            invalid |= (row[j] < -1) | (row[j] > 1)
+        bad[r] = invalid
+        if invalid:
             continue
         out = scratch[r]
         node = 0
@@ -187,18 +187,26 @@ def _encode_pairs(ternary, children, node_code, scratch, counts):
             node = nxt
         out[n] = node_code[node]
         counts[r] = n + 1
-    for r in range(rows):
-        if bad[r] >= 0:
-            return r
-    return -1
 
 
 @numba.njit(parallel=True, cache=True)
-def _compact(scratch, counts, offsets, codewords):
-    for r in numba.prange(counts.shape[0]):
+def _encode_pairs_parallel(bounds, ternary, children, node_code, scratch, counts, bad):
+    for i in numba.prange(bounds.shape[0] - 1):
+        _encode_pairs(bounds[i], bounds[i + 1], ternary, children, node_code, scratch, counts, bad)
+
+
+@numba.njit(cache=True)
+def _compact(lo, hi, scratch, counts, offsets, codewords):
+    for r in range(lo, hi):
         start = offsets[r]
         for i in range(counts[r]):
             codewords[start + i] = scratch[r, i]
+
+
+@numba.njit(parallel=True, cache=True)
+def _compact_parallel(bounds, scratch, counts, offsets, codewords):
+    for i in numba.prange(bounds.shape[0] - 1):
+        _compact(bounds[i], bounds[i + 1], scratch, counts, offsets, codewords)
 
 
 def _scales_bits(scales, rows):
@@ -254,20 +262,33 @@ def encode(ternary, scales=None, dictionary: Dictionary | None = None,
     t = np.ascontiguousarray(t)
     counts = np.empty(rows, dtype=np.int64)
     row_class = np.zeros(rows, dtype=np.uint8)
+    bad = np.zeros(rows, dtype=np.bool_)
     tables = dictionary.encoder_tables()
+    bounds = row_bounds(rows, t.size, align=4)
     if dictionary.mode == "tunstall":
         scratch = np.empty((rows, cols), dtype=np.uint16)
-        class_cost = -np.log2(dictionary.class_probabilities)
-        bad = _encode_tunstall(t, tables, class_cost, class_selection == "exact", row_class, scratch, counts)
+        args = (t, tables, -np.log2(dictionary.class_probabilities), class_selection == "exact", row_class,
+                scratch, counts, bad)
+        if bounds is None:
+            _encode_tunstall(0, rows, *args)
+        else:
+            _encode_tunstall_parallel(bounds, *args)
     else:
         scratch = np.empty((rows, (cols + 1) // 2), dtype=np.uint16)
-        bad = _encode_pairs(t, tables[0][0], tables[1][0], scratch, counts)
-    if bad >= 0:
-        raise ValueError(f"ternary row {bad} holds values outside -1/0/1")
+        args = (t, tables[0][0], tables[1][0], scratch, counts, bad)
+        if bounds is None:
+            _encode_pairs(0, rows, *args)
+        else:
+            _encode_pairs_parallel(bounds, *args)
+    if bad.any():
+        raise ValueError(f"ternary row {int(np.argmax(bad))} holds values outside -1/0/1")
     offsets = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     if offsets[-1] > (1 << 31) - 1:
         raise ValueError(f"matrix needs {offsets[-1]} codewords, more than the format's 2^31 - 1; split it")
     codewords = np.empty(int(offsets[-1]), dtype=np.uint16)
-    _compact(scratch, counts, offsets, codewords)
+    if bounds is None:
+        _compact(0, rows, scratch, counts, offsets, codewords)
+    else:
+        _compact_parallel(bounds, scratch, counts, offsets, codewords)
     return EncodedMatrix(rows, cols, codewords, offsets.astype(np.uint32), row_class, scale_bits, dictionary)

@@ -12,20 +12,21 @@ import numba
 import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from ._parallel import row_bounds
 from .matrix import EncodedMatrix, bf16_bits_to_float, validate
 
 __all__ = ["matmul"]
 
 
-@numba.njit(parallel=True, cache=True)
-def _matmul(xt, codewords, row_offsets, row_class, entry_length, entry_nonzero, entry_negative, scales, out):
-    """out[r, t] = sum_j W[r, j] xt[j, t].
+@numba.njit(cache=True)
+def _matmul(lo, hi, xt, codewords, row_offsets, row_class, entry_length, entry_nonzero, entry_negative, scales,
+            out):
+    """out[r, t] = sum_j W[r, j] xt[j, t] for rows r in [lo, hi).
 
     xt: float32 [cols, tokens] (x transposed, so each weight's column is one contiguous vector);
     scales: float32 [rows, 2]; out: float32 [rows, tokens]."""
     cols, tokens = xt.shape
-    rows = out.shape[0]
-    for r in numba.prange(rows):
+    for r in range(lo, hi):
         k = row_class[r]
         pos_sum = np.zeros(tokens, dtype=np.float32)
         neg_sum = np.zeros(tokens, dtype=np.float32)
@@ -51,6 +52,14 @@ def _matmul(xt, codewords, row_offsets, row_class, entry_length, entry_nonzero, 
         b = scales[r, 1]
         for t in range(tokens):
             out[r, t] = b * pos_sum[t] + a * neg_sum[t]
+
+
+@numba.njit(parallel=True, cache=True)
+def _matmul_parallel(bounds, xt, codewords, row_offsets, row_class, entry_length, entry_nonzero, entry_negative,
+                     scales, out):
+    for i in numba.prange(bounds.shape[0] - 1):
+        _matmul(bounds[i], bounds[i + 1], xt, codewords, row_offsets, row_class, entry_length, entry_nonzero,
+                entry_negative, scales, out)
 
 
 def matmul(x, enc: EncodedMatrix):
@@ -82,8 +91,14 @@ def matmul(x, enc: EncodedMatrix):
     d = enc.dictionary
     xt = np.ascontiguousarray(xt)  # [cols, tokens]
     out = np.empty((enc.rows, xt.shape[1]), dtype=np.float32)  # [rows, tokens]
-    _matmul(xt, np.asarray(enc.codewords), np.asarray(enc.row_offsets), np.asarray(enc.row_class),
+    args = (xt, np.asarray(enc.codewords), np.asarray(enc.row_offsets), np.asarray(enc.row_class),
             d.entry_length, d.entry_nonzero, d.entry_negative, bf16_bits_to_float(np.asarray(enc.scales)), out)
+    # Work grows with the nonzeros (~cols / 8 per row) times the tokens.
+    bounds = row_bounds(enc.rows, enc.rows * max(1, enc.cols // 8) * xt.shape[1])
+    if bounds is None:
+        _matmul(0, enc.rows, *args)
+    else:
+        _matmul_parallel(bounds, *args)
     y = np.ascontiguousarray(out.T)  # [tokens, rows]
     if is_torch:
         import torch

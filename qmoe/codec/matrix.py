@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from ._parallel import row_bounds
 from .dictionary import Dictionary
 from .errors import CodecError
 
@@ -87,19 +88,15 @@ def _array(value, dtype, shape, name):
     return np.ascontiguousarray(a)
 
 
-@numba.njit(parallel=True, cache=True)
-def _check_rows(codewords, row_offsets, row_class, entry_length, entry_count, cols, bad_codeword):
-    """Per row: -1 if the row obeys FORMAT.md 2.2 rules 3-4, else a reason code (the offending
-    codeword index goes to bad_codeword[r]). Offsets and classes are checked before this runs."""
-    rows = row_class.shape[0]
-    status = np.full(rows, -1, dtype=np.int8)
-    for r in numba.prange(rows):
+@numba.njit(cache=True)
+def _check_rows(lo, hi, codewords, row_offsets, row_class, entry_length, entry_count, cols, status, bad_codeword):
+    """For rows r in [lo, hi): status[r] = -1 if the row obeys FORMAT.md 2.2 rules 3-4, else a reason
+    code (the offending codeword index goes to bad_codeword[r]). Offsets and classes are checked
+    before this runs."""
+    for r in range(lo, hi):
         k = row_class[r]
         start = np.int64(row_offsets[r])
         end = np.int64(row_offsets[r + 1])
-        if end == start:
-            status[r] = 0
-            continue
         count = entry_count[k]
         covered = np.int64(0)
         for i in range(start, end):
@@ -115,7 +112,14 @@ def _check_rows(codewords, row_offsets, row_class, entry_length, entry_count, co
             covered += entry_length[k, c]
         if status[r] < 0 and covered < cols:
             status[r] = 3
-    return status
+
+
+@numba.njit(parallel=True, cache=True)
+def _check_rows_parallel(bounds, codewords, row_offsets, row_class, entry_length, entry_count, cols, status,
+                         bad_codeword):
+    for i in numba.prange(bounds.shape[0] - 1):
+        _check_rows(bounds[i], bounds[i + 1], codewords, row_offsets, row_class, entry_length, entry_count, cols,
+                    status, bad_codeword)
 
 
 def validate(enc: EncodedMatrix) -> None:
@@ -153,7 +157,14 @@ def validate(enc: EncodedMatrix) -> None:
         raise CodecError(f"row {r}: row_class {row_class[r]} but the dictionary has {d.num_classes} classes")
     if rows:
         bad_codeword = np.zeros(rows, dtype=np.int64)
-        status = _check_rows(codewords, offsets, row_class, d.entry_length, d.entry_count, cols, bad_codeword)
+        status = np.full(rows, -1, dtype=np.int8)
+        args = (codewords, offsets, row_class, d.entry_length, d.entry_count, cols, status, bad_codeword)
+        # Validation touches each codeword once; ~24 weights per codeword at typical sparsity.
+        bounds = row_bounds(rows, 24 * n)
+        if bounds is None:
+            _check_rows(0, rows, *args)
+        else:
+            _check_rows_parallel(bounds, *args)
         if status.max() >= 0:
             r = int(np.argmax(status >= 0))
             k = int(row_class[r])
