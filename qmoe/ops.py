@@ -226,10 +226,13 @@ def _(x, token_offsets, codewords, expert_offsets, row_offsets, row_class, scale
     workspace_bytes = ext.workspace_bytes(num_experts, x.shape[0])
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=x.device)
     ext.grouped_matmul(
-        x.data_ptr(), y.data_ptr(), _CUDA_DTYPES[x.dtype], x.shape[0], token_offsets.data_ptr(), num_experts,
-        codewords.data_ptr(), codewords.numel(), expert_offsets.data_ptr(), row_offsets.data_ptr(),
-        row_class.data_ptr(), scales.data_ptr(), packed_entries.data_ptr(), packed_entries.shape[0], rows, cols,
-        workspace.data_ptr(), workspace_bytes, x.device.index, torch.cuda.current_stream(x.device).cuda_stream)
+        x=x.data_ptr(), y=y.data_ptr(), dtype=_CUDA_DTYPES[x.dtype], total_tokens=x.shape[0],
+        token_offsets=token_offsets.data_ptr(), num_experts=num_experts, codewords=codewords.data_ptr(),
+        n_codewords=codewords.numel(), expert_offsets=expert_offsets.data_ptr(), row_offsets=row_offsets.data_ptr(),
+        row_class=row_class.data_ptr(), scales=scales.data_ptr(), entries=packed_entries.data_ptr(),
+        num_classes=packed_entries.shape[0], rows=rows, cols=cols, workspace=workspace.data_ptr(),
+        workspace_bytes=workspace_bytes, device=x.device.index,
+        stream=torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
 
