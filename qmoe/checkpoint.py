@@ -12,7 +12,7 @@ at a time. Memory stays near one block because nothing is cached between blocks:
 
 * ``.safetensors`` shards are opened with ``safe_open`` and ``.bin`` shards with
   ``torch.load(mmap=True, weights_only=True)`` afresh for every block. Both return tensors that are
-  views of a private, read-only file mapping, so only the pages of the tensors actually touched
+  views of a private (copy-on-write) file mapping, so only the pages of the tensors actually touched
   become resident, and the mapping is released when the caller drops the block's tensors.
 * Reading with a ``dtype`` or ``device`` different from the stored one copies, so that block's peak
   is its mapped pages plus the copy.
@@ -102,15 +102,21 @@ class CheckpointReader:
 
     # ------------------------------------------------------------------ files
 
-    def resolve_file(self, filename: str) -> str:
-        """Local path of ``filename`` inside the checkpoint, downloading it from the Hub if needed."""
+    def resolve_file(self, filename: str, missing_ok: bool = False) -> str | None:
+        """Local path of ``filename`` inside the checkpoint, downloading it from the Hub if needed.
+
+        A file the checkpoint does not have raises :class:`CheckpointError`, or returns None with
+        ``missing_ok``; download failures (network, authentication) always raise.
+        """
         if os.path.isabs(filename) or ".." in filename.replace("\\", "/").split("/"):
             raise CheckpointError(f"{self.source}: refusing file name {filename!r} outside the checkpoint")
         if self.is_local:
             path = os.path.join(self.source, filename)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path}: file missing from the checkpoint")
-            return path
+            if os.path.isfile(path):
+                return path
+            if missing_ok:
+                return None
+            raise CheckpointError(f"{path}: file missing from the checkpoint")
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -120,20 +126,16 @@ class CheckpointReader:
             return hf_hub_download(self.source, filename, revision=self.revision, cache_dir=self.cache_dir,
                                    local_files_only=offline)
         except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+            if missing_ok:
+                return None
             where = "in the local cache (offline mode)" if offline else "on the Hub"
             raise CheckpointError(f"{self.source}/{filename}: not found {where}: {e}") from None
-        except Exception as e:  # network, auth, missing repository
+        except Exception as e:  # network, authentication, missing repository
             raise CheckpointError(f"{self.source}/{filename}: download failed: {e}") from None
-
-    def _exists(self, filename: str) -> str | None:
-        try:
-            return self.resolve_file(filename)
-        except CheckpointError:
-            return None
 
     def _find_layout(self):
         for filename, layout, sharded in LAYOUTS:
-            path = self._exists(filename)
+            path = self.resolve_file(filename, missing_ok=True)
             if path is not None:
                 return filename, layout, sharded, path
         names = ", ".join(f for f, _, _ in LAYOUTS)
@@ -247,8 +249,10 @@ class CheckpointReader:
         """Exactly ``block``'s tensors, keyed by transformers names.
 
         With the default ``device="cpu", dtype=None`` the tensors are zero-copy views of the
-        checkpoint files (read-only mappings; write to them only after copying). Shape and dtype are
-        checked against the config; errors name the file and the tensor.
+        checkpoint files (private copy-on-write mappings: writing changes only this process's copy).
+        Any one surviving tensor keeps its shard's mapping, and every page of it touched so far,
+        resident: drop all of a block's tensors to release it. Shape and dtype are checked against
+        the config; errors name the file and the tensor.
         """
         sources = self._block(block)
         shapes = self.config.block_tensor_shapes(block)
