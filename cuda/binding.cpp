@@ -35,7 +35,7 @@ PYBIND11_MODULE(_cuda, m) {
          int64_t num_experts, std::uintptr_t codewords, int64_t n_codewords, std::uintptr_t expert_offsets,
          std::uintptr_t row_offsets, std::uintptr_t row_class, std::uintptr_t scales, std::uintptr_t entries,
          int64_t num_classes, int64_t rows, int64_t cols, std::uintptr_t workspace, int64_t workspace_bytes,
-         int device, std::uintptr_t stream) {
+         int path, int device, std::uintptr_t stream) {
         QmoeGroupedArgs args;
         args.x = ptr<const void>(x);
         args.y = ptr<void>(y);
@@ -55,6 +55,7 @@ PYBIND11_MODULE(_cuda, m) {
         args.cols = cols;
         args.workspace = ptr<void>(workspace);
         args.workspace_bytes = workspace_bytes;
+        args.path = path;
         args.device = device;
         args.stream = ptr<void>(stream);
         char error[512] = {0};
@@ -68,9 +69,10 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("total_tokens"), py::arg("token_offsets"),
       py::arg("num_experts"), py::arg("codewords"), py::arg("n_codewords"), py::arg("expert_offsets"),
       py::arg("row_offsets"), py::arg("row_class"), py::arg("scales"), py::arg("entries"), py::arg("num_classes"),
-      py::arg("rows"), py::arg("cols"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
+      py::arg("rows"), py::arg("cols"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("path"), py::arg("device"),
       py::arg("stream"),
       "Launches y = x @ W_e^T for all experts of a layer (see cuda/ternary_gemm.h for the layout).\n\n"
-      "All tensor arguments are device addresses; dtype 0 = bf16, 1 = fp16, 2 = fp32; stream is a "
+      "All tensor arguments are device addresses; dtype 0 = bf16, 1 = fp16, 2 = fp32; path 0 = auto, "
+      "1 = GEMV only, 2 = tensor-core tiles for every expert with >= 16 tokens; stream is a "
       "cudaStream_t as int. Raises RuntimeError with the CUDA error on failure.");
 }

@@ -47,6 +47,7 @@ constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
 constexpr int64_t kMaxStageBytes = 48 * 1024;  // x staging without the >48 KiB opt-in
 constexpr int64_t kStageMinRowsPerWarp = 4;     // stage x only when each warp reuses it this often
+constexpr int kBatchRounds = 8;                 // codeword rounds fetched at once (256 codewords ~ 6K columns)
 
 // Tile path. 64 rows x 64 tokens keeps both bf16 tiles plus padding at 34 KiB of static shared memory.
 constexpr int kTileRows = 64;                 // weight rows per block, one decoding thread each
@@ -179,7 +180,7 @@ __global__ void build_work_items(const int64_t* token_offsets, int64_t num_exper
 // GEMV path; see the file comment. Work unit = (item, block of rows_per_block rows), grid-stride so the
 // grid can be sized before the number of items (known only on the device) is.
 template <class T, int kTokens>
-__global__ void __launch_bounds__(kGemvThreads)
+__global__ void __launch_bounds__(kGemvThreads, 2)
     gemv_kernel(const T* __restrict__ x, T* __restrict__ y, Layer L, const WorkItem* __restrict__ items,
                 const int* __restrict__ counts, int64_t total_tokens, int64_t rows_per_block, bool stage_x) {
   if (counts[2] != 0) {  // malformed token_offsets: define y as zeros (see build_work_items)
@@ -226,25 +227,36 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
       for (int t = 0; t < kTokens; ++t) pos[t] = neg[t] = 0.0f;
 
-      int64_t i = src.range.begin;  // this round's first codeword; lane l takes codeword i + l
-      int64_t col = 0;               // its first column; warp-uniform
-      PackedEntry e{0, 0, 0};
-      if (i + lane < src.range.end) e = load_entry(src.table, L.codewords[i + lane]);
-      for (; i < src.range.end && col < L.cols; i += 32) {
-        // Fetch the next round's entry now: its two dependent loads (codeword, then entry) overlap
-        // this round's scan and accumulation instead of stalling the warp at the top of the loop.
-        PackedEntry next{0, 0, 0};
-        if (i + 32 + lane < src.range.end) next = load_entry(src.table, L.codewords[i + 32 + lane]);
-        int end_col = static_cast<int>(e.length);  // inclusive prefix sum of lengths over the lanes
+      // Rounds of 32 codewords, one per lane. The codewords of kBatchRounds rounds are fetched together
+      // (independent loads: the row pays DRAM latency once per batch, not once per round), and each round
+      // prefetches the next round's dictionary entry so its L2 latency overlaps the round's work.
+      int64_t col = 0;  // first column of the current round; warp-uniform
+      for (int64_t batch = src.range.begin; batch < src.range.end && col < L.cols; batch += 32 * kBatchRounds) {
+        uint16_t cw[kBatchRounds];
 #pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-          const int v = __shfl_up_sync(kFullMask, end_col, d);
-          if (lane >= d) end_col += v;
+        for (int j = 0; j < kBatchRounds; ++j) {
+          const int64_t idx = batch + 32 * j + lane;
+          cw[j] = idx < src.range.end ? L.codewords[idx] : uint16_t{0};
         }
-        qmoe::accumulate_entry<kTokens>(e, col + end_col - static_cast<int>(e.length), L.cols, item.n_tokens, load,
-                                        pos, neg);
-        col += __shfl_sync(kFullMask, end_col, 31);
-        e = next;
+        PackedEntry e{0, 0, 0};
+        if (batch + lane < src.range.end) e = load_entry(src.table, cw[0]);
+#pragma unroll
+        for (int j = 0; j < kBatchRounds; ++j) {
+          if (batch + 32 * j >= src.range.end || col >= L.cols) break;  // warp-uniform
+          PackedEntry next{0, 0, 0};
+          const int jn = j + 1 < kBatchRounds ? j + 1 : j;
+          if (j + 1 < kBatchRounds && batch + 32 * jn + lane < src.range.end) next = load_entry(src.table, cw[jn]);
+          int end_col = static_cast<int>(e.length);  // inclusive prefix sum of lengths over the lanes
+#pragma unroll
+          for (int d = 1; d < 32; d <<= 1) {
+            const int v = __shfl_up_sync(kFullMask, end_col, d);
+            if (lane >= d) end_col += v;
+          }
+          qmoe::accumulate_entry<kTokens>(e, col + end_col - static_cast<int>(e.length), L.cols, item.n_tokens,
+                                          load, pos, neg);
+          col += __shfl_sync(kFullMask, end_col, 31);
+          e = next;
+        }
       }
 
 #pragma unroll
@@ -423,8 +435,8 @@ template <class T, int kTokens>
 cudaError_t launch_gemv(const QmoeGroupedArgs& a, const Layer& L, const Workspace& w, int sms, cudaStream_t stream) {
   // Items are known only on the device; an upper bound sizes rows per block so that a lone expert still
   // spreads over every SM while a full layer gets longer blocks that reuse their staged x.
-  const int64_t max_items =
-      std::min<int64_t>(w.gemv_capacity, a.num_experts * ((kTileMinTokens - 1 + kTokens - 1) / kTokens));
+  // (sum over experts of ceil(n_e / kTokens) <= total / kTokens + E.)
+  const int64_t max_items = std::min<int64_t>(w.gemv_capacity, a.total_tokens / kTokens + a.num_experts);
   const int64_t expected_items = std::max<int64_t>(1, std::min<int64_t>(max_items, a.num_experts));
   const int64_t wanted_row_blocks = std::max<int64_t>(1, 4 * static_cast<int64_t>(sms) / expected_items);
   const int64_t rows_per_block =
@@ -479,6 +491,9 @@ extern "C" int qmoe_grouped_matmul(const QmoeGroupedArgs* args, char* error, int
   if (a.dtype != QMOE_BF16 && a.dtype != QMOE_FP16 && a.dtype != QMOE_FP32) {
     return set_error(error, error_len, "qmoe CUDA kernel: %s", "dtype must be bf16, fp16 or fp32");
   }
+  if (a.path != QMOE_PATH_AUTO && a.path != QMOE_PATH_GEMV && a.path != QMOE_PATH_TILE) {
+    return set_error(error, error_len, "qmoe CUDA kernel: %s", "path must be 0 (auto), 1 (gemv) or 2 (tile)");
+  }
   if (a.rows < 0 || a.cols < 0 || a.rows > kIntMax || a.cols > kIntMax) {
     return set_error(error, error_len, "qmoe CUDA kernel: %s", "rows and cols must lie in [0, 2^31)");
   }
@@ -519,8 +534,13 @@ extern "C" int qmoe_grouped_matmul(const QmoeGroupedArgs* args, char* error, int
   L.cols = a.cols;
 
   const int gemv_tokens = gemv_tokens_for(a.num_experts, a.total_tokens);
-  // fp32 has no 16-bit tensor-core path here; all its experts take the GEMV path.
-  const bool use_tiles = a.dtype != QMOE_FP32 && a.total_tokens >= kTileMinTokens;
+  // Each tile unit decodes kTileRows rows with one thread per row: slow alone, fast in numbers. With
+  // fewer units than can fill the GPU (a single matrix at batch <= 64 has only rows / 64 of them), the
+  // GEMV path's warp-parallel decode wins even though it decodes once per kTokens tokens. fp32 has no
+  // 16-bit tensor-core path here, so all its experts take the GEMV path.
+  const int64_t tile_units = a.total_tokens / kTileTokens * ((a.rows + kTileRows - 1) / kTileRows);
+  const bool tiles_pay = a.path == QMOE_PATH_TILE || (a.path == QMOE_PATH_AUTO && tile_units >= 2 * sms);
+  const bool use_tiles = a.dtype != QMOE_FP32 && a.total_tokens >= kTileMinTokens && tiles_pay;
   const int tile_min = use_tiles ? kTileMinTokens : static_cast<int>(kIntMax);
   build_work_items<<<1, 1024, 0, stream>>>(a.token_offsets, a.num_experts, a.total_tokens, gemv_tokens, tile_min,
                                            w.gemv_items, w.gemv_capacity, w.tile_items, w.tile_capacity, w.counts);

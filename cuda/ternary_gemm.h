@@ -12,6 +12,10 @@ extern "C" {
 
 enum QmoeDtype { QMOE_BF16 = 0, QMOE_FP16 = 1, QMOE_FP32 = 2 };
 
+// Which kernel serves experts with many tokens. AUTO decides from the shape; the others exist so tests
+// and benchmarks can exercise and compare both paths on any shape.
+enum QmoePath { QMOE_PATH_AUTO = 0, QMOE_PATH_GEMV = 1, QMOE_PATH_TILE = 2 };
+
 // y[t] = x[t] @ W_e^T for every token t in expert e's range token_offsets[e]:token_offsets[e+1], for all
 // experts of one layer, in one call (tokens sorted by expert). Layer layout (codec/FORMAT.md):
 // codewords of all experts concatenated, expert e's at [expert_offsets[e], expert_offsets[e+1]); its row
@@ -35,6 +39,7 @@ typedef struct QmoeGroupedArgs {
   int64_t cols;
   void* workspace;                // device scratch of qmoe_grouped_workspace_bytes(...) bytes
   int64_t workspace_bytes;
+  int32_t path;                   // QmoePath
   int32_t device;                 // CUDA device ordinal the pointers live on
   void* stream;                   // cudaStream_t to launch on
 } QmoeGroupedArgs;

@@ -30,6 +30,7 @@ without ``qmoe._cuda`` raises :class:`RuntimeError` saying how to build it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict
 
 import numpy as np
@@ -42,12 +43,15 @@ __all__ = [
     "ternary_matmul",
     "grouped_ternary_matmul",
     "cuda_available",
+    "kernel_path",
 ]
 
 _DICTIONARY_KEYS = ("entry_length", "entry_nonzero", "entry_negative", "entry_count", "packed_entries")
 _LAYER_KEYS = ("codewords", "expert_offsets", "row_offsets", "row_class", "scales")
 _SLOTS = 1 << 16
 _CUDA_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_KERNEL_PATHS = {"auto": 0, "gemv": 1, "tile": 2}
+_kernel_path = "auto"
 
 
 # -- dictionary preparation ----------------------------------------------------------------------
@@ -231,7 +235,7 @@ def _(x, token_offsets, codewords, expert_offsets, row_offsets, row_class, scale
         n_codewords=codewords.numel(), expert_offsets=expert_offsets.data_ptr(), row_offsets=row_offsets.data_ptr(),
         row_class=row_class.data_ptr(), scales=scales.data_ptr(), entries=packed_entries.data_ptr(),
         num_classes=packed_entries.shape[0], rows=rows, cols=cols, workspace=workspace.data_ptr(),
-        workspace_bytes=workspace_bytes, device=x.device.index,
+        workspace_bytes=workspace_bytes, path=_KERNEL_PATHS[_kernel_path], device=x.device.index,
         stream=torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
@@ -279,6 +283,22 @@ def ternary_matmul(x: torch.Tensor, matrix: Dict[str, torch.Tensor], dictionary:
         "scales": matrix["scales"].unsqueeze(0),
     }
     return grouped_ternary_matmul(x, pair * x.shape[0], layer, dictionary)
+
+
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """Within the block, CUDA calls use ``path`` for experts with many tokens: ``"auto"`` (default:
+    chosen from the shape), ``"gemv"`` (warp-per-row decode for every expert) or ``"tile"``
+    (tensor-core tiles for every expert with >= 16 tokens). For tests and benchmarks; results agree
+    to rounding. Read when the op runs, so it does not change a captured CUDA graph."""
+    global _kernel_path
+    if path not in _KERNEL_PATHS:
+        raise ValueError(f"kernel path must be one of {sorted(_KERNEL_PATHS)}, got {path!r}")
+    previous, _kernel_path = _kernel_path, path
+    try:
+        yield
+    finally:
+        _kernel_path = previous
 
 
 def cuda_available() -> bool:

@@ -75,25 +75,33 @@ def check_close(y_gpu, x_cpu, token_offsets, layer_cpu, dict_cpu, encoded):
     torch.testing.assert_close(y.double(), dense, rtol=eps, atol=eps * scale)
 
 
+# "auto" picks the GEMV path for these small shapes; "tile" forces tensor cores from 16 tokens up.
+PATHS = ["auto", "tile"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rows,cols", [(1, 1), (3, 5), (118, 300), (64, 2080), (130, 517)])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 16, 17, 64, 130])
-def test_single_matrix_bf16(dictionary, dict_cpu, dict_gpu, rows, cols, tokens):
+def test_single_matrix_bf16(dictionary, dict_cpu, dict_gpu, rows, cols, tokens, path):
     encoded, layer = make_layer(dictionary, 1, rows, cols, seed=rows * 7 + cols)
     x = torch.randn(tokens, cols, dtype=torch.bfloat16)
     matrix = {"codewords": layer["codewords"], "row_offsets": layer["row_offsets"][0],
               "row_class": layer["row_class"][0], "scales": layer["scales"][0]}
-    y = ops.ternary_matmul(x.to(DEVICE), to_gpu(matrix), dict_gpu)
+    with ops.kernel_path(path):
+        y = ops.ternary_matmul(x.to(DEVICE), to_gpu(matrix), dict_gpu)
     assert y.dtype == torch.bfloat16 and y.shape == (tokens, rows)
     check_close(y, x, offsets([tokens]), layer, dict_cpu, encoded)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("counts", [[0, 1, 5, 16, 0, 70, 3, 9], [2] * 8, [0] * 7 + [33], [1, 0, 0, 0, 0, 0, 0, 0]])
-def test_grouped_layer(dictionary, dict_cpu, dict_gpu, dtype, counts):
+def test_grouped_layer(dictionary, dict_cpu, dict_gpu, dtype, counts, path):
     encoded, layer = make_layer(dictionary, len(counts), rows=200, cols=333, seed=len(counts) + sum(counts))
     token_offsets = offsets(counts)
     x = torch.randn(sum(counts), 333).to(dtype)
-    y = ops.grouped_ternary_matmul(x.to(DEVICE), token_offsets.to(DEVICE), to_gpu(layer), dict_gpu)
+    with ops.kernel_path(path):
+        y = ops.grouped_ternary_matmul(x.to(DEVICE), token_offsets.to(DEVICE), to_gpu(layer), dict_gpu)
     assert y.dtype == dtype
     check_close(y, x, token_offsets, layer, dict_cpu, encoded)
 
@@ -105,8 +113,10 @@ def test_switch_shapes(dictionary, dict_cpu, dict_gpu):
         encoded, layer = make_layer(dictionary, len(counts), rows, cols, seed=rows)
         token_offsets = offsets(counts)
         x = torch.randn(sum(counts), cols, dtype=torch.bfloat16)
-        y = ops.grouped_ternary_matmul(x.to(DEVICE), token_offsets.to(DEVICE), to_gpu(layer), dict_gpu)
-        check_close(y, x, token_offsets, layer, dict_cpu, encoded)
+        for path in ("auto", "gemv", "tile"):
+            with ops.kernel_path(path):
+                y = ops.grouped_ternary_matmul(x.to(DEVICE), token_offsets.to(DEVICE), to_gpu(layer), dict_gpu)
+            check_close(y, x, token_offsets, layer, dict_cpu, encoded)
 
 
 def test_cuda_graph_replay(dictionary, dict_gpu):

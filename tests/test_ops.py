@@ -154,10 +154,20 @@ def test_cuda_binding_validates_before_touching_the_device():
     ext = pytest.importorskip("qmoe._cuda", reason="CUDA extension not built")
     args = dict(x=0, y=0, dtype=0, total_tokens=10, token_offsets=0, num_experts=1, codewords=0, n_codewords=0,
                 expert_offsets=0, row_offsets=0, row_class=0, scales=0, entries=0, num_classes=1, rows=8, cols=8,
-                workspace=0, workspace_bytes=0, device=0, stream=0)
+                workspace=0, workspace_bytes=0, path=0, device=0, stream=0)
     assert ext.workspace_bytes(1, 10) >= 16 + 16 * 10  # counters + one GEMV item per token at most
     for change, message in [({"dtype": 7}, "dtype must be"), ({"rows": -1}, "rows and cols"),
-                            ({"num_classes": 0}, "num_classes"), ({"entries": 8}, "16-byte aligned"),
+                            ({"num_classes": 0}, "num_classes"), ({"path": 3}, "path must be"), ({"entries": 8}, "16-byte aligned"),
                             ({}, "workspace smaller")]:
         with pytest.raises(RuntimeError, match=message):
             ext.grouped_matmul(**{**args, **change})
+
+
+def test_kernel_path_setting():
+    assert ops._kernel_path == "auto"
+    with ops.kernel_path("tile"):
+        assert ops._kernel_path == "tile"
+    assert ops._kernel_path == "auto"
+    with pytest.raises(ValueError, match="kernel path must be one of"):
+        with ops.kernel_path("fast"):
+            pass
