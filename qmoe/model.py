@@ -218,6 +218,10 @@ class DenseExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         offsets = expert_offsets.tolist()
+        if (len(offsets) != self.num_experts + 1 or offsets[0] != 0 or offsets[-1] != x_sorted.shape[0]
+                or any(b < a for a, b in zip(offsets, offsets[1:]))):
+            raise ValueError(f"expert_offsets must be {self.num_experts + 1} non-decreasing values from 0 to "
+                             f"{x_sorted.shape[0]} (the token count), got {offsets}")
         out = torch.empty_like(x_sorted)
         for e in range(self.num_experts):
             lo, hi = offsets[e], offsets[e + 1]

@@ -173,6 +173,10 @@ def test_dense_experts_compute_each_expert_on_its_rows():
         ex = getattr(experts, f"expert_{e}")
         rows = x[offsets[e]:offsets[e + 1]]
         torch.testing.assert_close(y[offsets[e]:offsets[e + 1]], torch.relu(rows @ ex.wi.weight.T) @ ex.wo.weight.T)
+    for bad in ([0, 3, 3, 4, 9, 9, 9, 10, 11], [0, 3, 2, 4, 9, 9, 9, 10, 12], [1, 3, 3, 4, 9, 9, 9, 10, 12],
+                [0, 12]):
+        with pytest.raises(ValueError, match="expert_offsets must be 9 non-decreasing values from 0 to 12"):
+            experts(x, torch.tensor(bad))
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
