@@ -41,6 +41,7 @@ SHAPES = [(768, 3072), (3072, 768), (2080, 6144), (6144, 2080)]  # (rows, cols) 
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
 GROUPED = [(128, 3072, 768), (128, 768, 3072), (2048, 6144, 2080), (2048, 2080, 6144)]  # (E, rows, cols)
 P_ZERO = 0.885
+DEVICE = "cuda"
 
 
 def timed(fn, iters, warmup=3):
@@ -80,12 +81,12 @@ def bench_single(dictionary, dict_gpu, batches, iters, rng):
     rows_out = []
     for rows, cols in SHAPES:
         enc = encode_random(rng, rows, cols, dictionary)
-        layer = layer_tensors([enc], 1, "cuda")
+        layer = layer_tensors([enc], 1, DEVICE)
         matrix = {"codewords": layer["codewords"], "row_offsets": layer["row_offsets"][0],
                   "row_class": layer["row_class"][0], "scales": layer["scales"][0]}
-        dense = torch.from_numpy(codec.dequantize(enc)).to("cuda", torch.bfloat16)  # [rows, cols]
+        dense = torch.from_numpy(codec.dequantize(enc)).to(DEVICE, torch.bfloat16)  # [rows, cols]
         for batch in batches:
-            x = torch.randn(batch, cols, dtype=torch.bfloat16, device="cuda")
+            x = torch.randn(batch, cols, dtype=torch.bfloat16, device=DEVICE)
             t_ours = timed(lambda: ops.ternary_matmul(x, matrix, dict_gpu), iters)
             t_bf16 = timed(lambda: x @ dense.T, iters)
             # The other path, forced, shows where "auto" should switch to tensor cores on this GPU.
@@ -106,14 +107,14 @@ def bench_grouped(dictionary, dict_gpu, configs, token_patterns, iters, rng):
     rows_out = []
     for num_experts, rows, cols in configs:
         distinct = [encode_random(rng, rows, cols, dictionary) for _ in range(4)]
-        layer = layer_tensors(distinct, num_experts, "cuda")
-        dense = torch.from_numpy(codec.dequantize(distinct[0])).to("cuda", torch.bfloat16)
+        layer = layer_tensors(distinct, num_experts, DEVICE)
+        dense = torch.from_numpy(codec.dequantize(distinct[0])).to(DEVICE, torch.bfloat16)
         for pattern in token_patterns:
             counts = (rng.integers(1, 65, num_experts) if pattern == "random 1-64"
                       else np.full(num_experts, int(pattern)))
             bounds = np.concatenate([[0], np.cumsum(counts)])
-            token_offsets = torch.from_numpy(bounds).to("cuda")
-            x = torch.randn(int(bounds[-1]), cols, dtype=torch.bfloat16, device="cuda")
+            token_offsets = torch.from_numpy(bounds).to(DEVICE)
+            x = torch.randn(int(bounds[-1]), cols, dtype=torch.bfloat16, device=DEVICE)
             starts = layer["expert_offsets"].tolist()
             per_expert = [
                 ({"codewords": layer["codewords"][starts[e]:starts[e + 1]],
@@ -159,7 +160,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     started = time.time()
     dictionary = codec.default_dictionary()
-    dict_gpu = ops.dictionary_tensors(dictionary, device="cuda")
+    dict_gpu = ops.dictionary_tensors(dictionary, device=DEVICE)
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     print("== single matrix: y = x @ W.T, bf16 activations ==")
