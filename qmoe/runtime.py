@@ -28,14 +28,14 @@ PyTorch's bf16 matmuls are several times slower than float32 ones (pass ``dtype`
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import SwitchConfig
-from .model import (_ACTIVATIONS, Seq2SeqOutput, SparseMLP, SwitchForConditionalGeneration, build_skeleton,
+from .model import (_ACTIVATIONS, Seq2SeqOutput, SwitchForConditionalGeneration, build_skeleton,
                     materialize)
 from .placement import (DEFAULT_HEADROOM, PlacementError, default_dense_dtype, dictionary_memory, format_plan,
                         parse_devices, plan_blocks, validate_device_map)

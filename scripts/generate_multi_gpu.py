@@ -13,10 +13,14 @@ Without GPUs it runs on the CPU (``--devices cpu``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

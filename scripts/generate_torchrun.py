@@ -25,6 +25,9 @@ import time
 import torch
 import torch.distributed as dist
 
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def main(argv=None) -> int:
     from qmoe.data import load_tokenizer

@@ -390,3 +390,26 @@ def test_placed_model_wraps_a_dense_model(tiny_reference, tiny_checkpoint):
     ids, mask, dec = tiny_inputs(cfg["vocab_size"])
     assert torch.equal(placed(ids, dec, attention_mask=mask).logits,
                        dense(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits)
+
+
+@pytest.mark.slow
+def test_torchrun_script_equals_one_process(int4_model, tmp_path):
+    """scripts/generate_torchrun.py under torchrun with 2 gloo ranks prints what one process generates."""
+    import subprocess
+    import sys
+
+    from qmoe.data import load_tokenizer
+    from qmoe.generation import generate_text
+
+    path, _, _ = int4_model
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "texts.json"
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           os.path.join(root, "scripts", "generate_torchrun.py"), path, "--devices", "cpu", "--dtype", "float32",
+           "--prompt", "the quick brown fox", "--prompt", "experts", "--max-new-tokens", "8", "--json", str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=root, timeout=300, capture_output=True)
+    model = load_compressed(path, devices=["cpu"], dtype=torch.float32)
+    want = generate_text(model, load_tokenizer(model.tokenizer_path), ["the quick brown fox", "experts"],
+                         max_new_tokens=8)
+    assert json.loads(out.read_text())["texts"] == want
