@@ -37,7 +37,7 @@ from .config import SwitchConfig
 __all__ = [
     "SwitchForConditionalGeneration", "SwitchStack", "SwitchBlock", "SparseMLP", "DenseExperts",
     "DenseMLP", "Router", "Attention", "RMSNorm", "Seq2SeqOutput", "MaterializeError",
-    "build_skeleton", "materialize", "free", "load_switch", "relative_position_bucket",
+    "build_skeleton", "materialize", "free", "tie_embeddings", "load_switch", "relative_position_bucket",
     "relative_position_bias",
 ]
 
