@@ -48,6 +48,8 @@ class ActivationStore:
         self.path = path
         self.row_bytes = self.width * torch.finfo(dtype).bits // 8
         self._fd = None
+        self.committed_path: Optional[str] = None  # where the current contents are persisted
+        self._dirty = True
         if path is None:
             self._buffer = torch.zeros(self.num_tokens, self.width, dtype=dtype, pin_memory=pin)
         else:
@@ -89,6 +91,7 @@ class ActivationStore:
         if data.dim() != 2 or data.shape[1] != self.width or not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"cannot write {tuple(data.shape)} at row {start} of [{self.num_tokens}, {self.width}]")
         data = data.detach().to("cpu", self.dtype).contiguous()
+        self._touch()
         if self._buffer is not None:
             self._buffer[start:stop] = data
         else:
@@ -108,6 +111,7 @@ class ActivationStore:
         """Writes ``data[k]`` to row ``index[k]``."""
         index = index.to("cpu", torch.int64)
         if self._buffer is not None:
+            self._touch()
             self._buffer[index] = data.detach().to("cpu", self.dtype)
             return
         for lo, hi, pos in _runs(index):
@@ -123,8 +127,18 @@ class ActivationStore:
         self.write_rows(int(self.offsets[i0]), torch.cat(list(tensors), 0))
 
     # -- persistence -------------------------------------------------------------------------
+    def _touch(self) -> None:
+        if self._buffer is None and self.committed_path is not None:
+            raise RuntimeError(f"{self.committed_path}: a committed on-disk store is immutable")
+        self._dirty = True
+
     def commit(self, path: Optional[str] = None) -> str:
-        """Persists the store atomically at ``path`` (default: its own path); returns the path."""
+        """Persists the store atomically at ``path`` (default: its own path); returns where it lives.
+
+        A store unchanged since its last commit is not written again: the earlier path is returned.
+        """
+        if not self._dirty and self.committed_path is not None:
+            return self.committed_path
         path = path or self.path
         if path is None:
             raise ValueError("an in-memory store needs a path to commit to")
@@ -144,6 +158,7 @@ class ActivationStore:
         from .storage import atomic_write_json
 
         atomic_write_json(path + ".json", header)
+        self.committed_path, self._dirty = path, False
         return path
 
     @classmethod
@@ -165,6 +180,9 @@ class ActivationStore:
                 raw = f.read((stop - start) * store.row_bytes)
                 arr = np.frombuffer(raw, dtype=_NP_VIEW[dtype]).reshape(stop - start, store.width)
                 store.write_rows(start, torch.from_numpy(arr.copy()).view(dtype))
+        if not in_memory:
+            os.fsync(store._fd)
+        store.committed_path, store._dirty = path, False  # identical to the committed file
         return store
 
     def close(self) -> None:

@@ -312,6 +312,7 @@ class Compressor:
         self.report_layers: List[dict] = list(self.journal.extra.get("layers", []))
         self._embedding: Optional[torch.Tensor] = None
         self._bias_tables: Dict[str, torch.Tensor] = {}
+        self._store_serial = 0
 
     # -- setup helpers ----------------------------------------------------------------------
     def _fingerprint(self, calib, val) -> dict:
@@ -350,7 +351,9 @@ class Compressor:
 
     # -- stores -----------------------------------------------------------------------------
     def _new_store(self, stream: Stream, what: str, decoder: bool) -> ActivationStore:
-        return self.budget.new_store(f"{stream.name}-{what}-{time.time_ns()}.bin", stream.lengths(decoder),
+        self._store_serial += 1
+        return self.budget.new_store(f"rank{self.dist.rank}-{stream.name}-{what}-{self._store_serial}.bin",
+                                     stream.lengths(decoder),
                                      self.config.d_model, self.compute_dtype)
 
     def _commit_states(self, block_index: int) -> Dict[str, str]:
@@ -364,9 +367,11 @@ class Compressor:
                     continue
                 path = os.path.join(base, f"{block_index:04d}-{st.name}-{what}.bin")
                 if self.dist.rank == 0:
-                    store.commit(path)
+                    path = store.commit(path)  # an unchanged store keeps its earlier file
+                elif store.committed_path is not None and not store._dirty:
+                    path = store.committed_path
                 else:
-                    path = path  # rank 0 owns the files; other ranks only need the names
+                    store.committed_path, store._dirty = path, False  # rank 0 writes the same contents
                 states[f"{st.name}/{what}"] = path
         self.dist.barrier()
         return states
@@ -381,7 +386,7 @@ class Compressor:
                 in_memory = self.budget.limit is None or self.budget.in_memory + need <= self.budget.limit
                 store = ActivationStore.open(path, in_memory=in_memory, pin=self.budget.pin,
                                              work_path=os.path.join(self.budget.spill_dir,
-                                                                    f"{st.name}-{what}-{time.time_ns()}.bin"))
+                                                                    f"rank{self.dist.rank}-{st.name}-{what}.bin"))
                 if in_memory:
                     self.budget.in_memory += store.nbytes
                 setattr(st, what, store)
@@ -820,7 +825,8 @@ class Compressor:
         }
         expert_weights = sum(layer["weights"] for layer in self.report_layers)
         expert_bytes = sum(layer["bytes"] for layer in self.report_layers)
-        report = {"source": self.source, "out": self.out_dir, "settings": dataclasses.asdict(s),
+        settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in s.OUTPUT_NEUTRAL}
+        report = {"source": self.source, "out": self.out_dir, "settings": settings,
                   "loss_before": losses.get("validation-original"), "loss_after": losses.get("validation-quantized"),
                   "expert_weights": expert_weights,
                   "expert_bits_per_param": 8.0 * expert_bytes / expert_weights if expert_weights else None,
