@@ -217,6 +217,24 @@ def test_loss_matches_transformers(int4_model):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_pipeline_validation_loss_equals_runtime_loss(tiny_checkpoint, tmp_path):
+    """The compression pipeline measures the validation loss of the quantized model from the decoded
+    dense weights; the runtime evaluates the stored compressed checkpoint. Both must agree."""
+    from qmoe.compress import CompressSettings, compress
+    from qmoe.data import collate, load_tokenizer, make_samples
+    from qmoe.generation import evaluate_loss
+
+    out = str(tmp_path / "compressed")
+    settings = CompressSettings(bits="ternary", method="rtn", samples=4, val_samples=3, sample_length=64)
+    report = compress(tiny_checkpoint, out, settings, progress=False, log=lambda *a, **k: None)
+    model = load_compressed(out, devices=["cpu"], dtype=torch.float32)
+    tok = load_tokenizer(model.tokenizer_path)
+    samples = make_samples(tok, None, settings.val_samples, settings.seed, "validation", settings.sample_length)
+    result = evaluate_loss(model, [collate(samples, tok.pad_id, model.config.decoder_start_token_id)])
+    assert result["loss"] == pytest.approx(report["loss_after"], rel=1e-4)
+    assert result["loss"] != pytest.approx(report["loss_before"], rel=1e-4)  # the experts really changed
+
+
 def test_experts_stay_compressed(int4_model):
     path, cfg, _ = int4_model
     model = load_compressed(path, devices=["cpu"], dtype=torch.float32)
