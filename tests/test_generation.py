@@ -73,6 +73,20 @@ def test_greedy_equals_transformers_generate(model, compressed):
     assert torch.equal(ours[:, :n], ref[:, :n])
 
 
+@pytest.mark.parametrize("kind,dtype", [("ternary", torch.float32), ("int2", torch.bfloat16)])
+def test_greedy_equals_transformers_other_kinds(tmp_path, c2048_reference, kind, dtype):
+    """All-sparse untied model: ternary experts (grouped op) in float32, 2-bit experts in bf16."""
+    cfg, _, sd = c2048_reference
+    decoded = write_compressed(str(tmp_path), cfg, sd, kind)
+    model = load_compressed(str(tmp_path), devices=["cpu"], dtype=dtype)
+    ids, mask, _ = tiny_inputs(cfg["vocab_size"], batch=2)
+    ref = reference(cfg, decoded, dtype).generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                                                  do_sample=False, num_beams=1, min_length=0)
+    ours = generate(model, ids, attention_mask=mask, max_new_tokens=10)
+    n = min(ref.shape[1], ours.shape[1])
+    assert n > 3 and torch.equal(ours[:, :n], ref[:, :n])
+
+
 def test_dense_model_generates_like_its_own_greedy(tiny_checkpoint):
     from qmoe import load_switch
 
