@@ -82,6 +82,9 @@ class BuildExt(build_ext):
                 ext.library_dirs = list(ext.library_dirs or []) + [path]
                 break
         ext.libraries = list(ext.libraries or []) + ["cudart_static", "rt", "pthread", "dl"]
+        # Keep the static runtime's symbols private whatever the toolkit's defaults: torch loads its own
+        # libcudart globally, and exported cuda* symbols here would let the dynamic linker mix the two.
+        ext.extra_link_args = list(ext.extra_link_args or []) + ["-Wl,--exclude-libs,ALL"]
         super().build_extension(ext)
 
 
