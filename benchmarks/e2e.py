@@ -231,15 +231,20 @@ def gpu_setting(args) -> dict:
         return {"setting": "gpu", "skipped": "no CUDA device"}
     if not ops.cuda_available():
         return {"setting": "gpu", "skipped": "the qmoe CUDA extension is not built (pip install -e . with nvcc)"}
-    device, dtype = "cuda:0", torch.bfloat16
+    return synthetic_setting(args, "cuda:0", torch.bfloat16, C2048_SHAPE)
+
+
+def synthetic_setting(args, device: str, dtype: torch.dtype, shape: dict) -> dict:
+    """Random ternary experts at c2048's sparsity in a model of ``shape`` (d_model, d_ff, d_kv,
+    num_heads, vocab_size) on ``device``; the GPU setting uses the c2048 shape."""
     E, blocks = args.gpu_experts, args.gpu_blocks
-    config = SwitchConfig(**C2048_SHAPE, num_layers=blocks, num_decoder_layers=blocks, num_experts=E,
+    config = SwitchConfig(**shape, num_layers=blocks, num_decoder_layers=blocks, num_experts=E,
                           encoder_sparse_step=1, decoder_sparse_step=1, is_full_sparse=True,
                           tie_word_embeddings=False, torch_dtype="bfloat16",
                           relative_attention_num_buckets=32, relative_attention_max_distance=128)
     sparse_layers = 2 * blocks
     dense_bytes = sparse_layers * E * 2 * config.d_ff * config.d_model * 2
-    free = torch.cuda.mem_get_info(0)[0]
+    free = torch.cuda.mem_get_info(device)[0] if torch.device(device).type == "cuda" else dense_bytes * 2
     keep_dense = dense_bytes < 0.6 * free
     model = random_dense_model(config, device, dtype, args.seed, with_experts=keep_dense)
 
@@ -251,19 +256,24 @@ def gpu_setting(args) -> dict:
                for name, _ in model.sparse_mlps()}
     modules = expert_variants(model, encoded, dictionary, device, dtype, keep_dense=keep_dense)
     if keep_dense:
-        # Plain dense experts hold the decoded weights of the same encodings.
+        # Plain dense experts hold the decoded weights of the same encodings (decoded once per distinct one).
+        decoded = {id(enc): torch.from_numpy(codec.dequantize(enc)).to(device, dtype)
+                   for m in ("wi", "wo") for enc in distinct[m]}
         for name, mlp in model.sparse_mlps():
             for m in ("wi", "wo"):
                 for e in range(E):
-                    getattr(getattr(mlp.experts, f"expert_{e}"), m).weight.copy_(
-                        torch.from_numpy(codec.dequantize(encoded[name][m][e])).to(dtype))
+                    getattr(getattr(mlp.experts, f"expert_{e}"), m).weight.copy_(decoded[id(encoded[name][m][e])])
+        del decoded
     placed = PlacedModel(model)
     rows = measure({v: placed for v in modules}, lambda v: use_variant(model, modules[v]), config.vocab_size,
                    args.batch, args.new_tokens, args.repeats, args.prompt_len, args.seed)
     compressed_bytes = sum(b.numel() * b.element_size() for m in modules["compressed"].values()
                            for n, b in m.named_buffers() if not n.startswith("dict_"))
-    return {"setting": "gpu", "device": torch.cuda.get_device_name(0), "dtype": "bfloat16",
-            "model": f"c2048-shaped synthetic: {blocks}+{blocks} sparse blocks x {E} experts, P(0)={P_ZERO}",
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    return {"setting": "gpu" if name != "cpu" else "synthetic-cpu", "device": name,
+            "dtype": str(dtype).replace("torch.", ""),
+            "model": (f"synthetic d_model {shape['d_model']}, d_ff {shape['d_ff']}: {blocks}+{blocks} sparse "
+                      f"blocks x {E} experts, P(0)={P_ZERO}"),
             "dense_experts": "measured" if keep_dense else f"skipped: {format_bytes(dense_bytes)} would not fit",
             "expert_bytes": {"dense_bf16": dense_bytes, "compressed": compressed_bytes}, "rows": rows}
 
