@@ -114,6 +114,7 @@ def gptq_quantize(
     act_order: bool = False,
     group_size: int | None = None,
     names: list[str] | None = None,
+    min_zero_fraction: float = 0.0,
 ) -> GPTQResult:
     """Quantizes ``E`` experts' weight matrices with GPTQ, batched over experts.
 
@@ -130,6 +131,9 @@ def gptq_quantize(
         act_order: quantize columns in order of decreasing ``H[i, i]`` (per expert).
         group_size: None for per-row grids, else columns per grid group (fitted statically).
         names: ``E`` expert names used in error messages and fallback reasons.
+        min_zero_fraction: optimized ternary grid only: sparsity floor of the grid's
+            round-to-nearest (see :func:`qmoe.quant.make_grid`); GPTQ's own updates then move
+            the final fraction of zeros by a few points either way.
 
     Returns:
         :class:`GPTQResult`.
@@ -158,10 +162,10 @@ def gptq_quantize(
     _check_finite(H, "Hessian", names)
     with _ieee_float32(device):
         return _gptq(w.float(), H.to(device=device, dtype=torch.float32), bits, ternary_grid, float(damp),
-                     block_size, act_order, group_size, names)
+                     block_size, act_order, group_size, names, min_zero_fraction)
 
 
-def _gptq(w0, H0, bits, ternary_grid, damp, block_size, act_order, group_size, names) -> GPTQResult:
+def _gptq(w0, H0, bits, ternary_grid, damp, block_size, act_order, group_size, names, min_zero_fraction) -> GPTQResult:
     E, rows, cols = w0.shape
     device = w0.device
     diag = torch.diagonal(H0, dim1=1, dim2=2)  # [E, cols]
@@ -169,7 +173,8 @@ def _gptq(w0, H0, bits, ternary_grid, damp, block_size, act_order, group_size, n
 
     # The grid weighs column errors by diag(H); an expert without tokens has nothing to weigh by.
     grid_weight = torch.where(no_tokens[:, None], torch.ones_like(diag), diag.clamp_min(0))
-    grid = make_grid(w0, bits, ternary_grid, hessian_diag=grid_weight, group_size=group_size)
+    grid = make_grid(w0, bits, ternary_grid, hessian_diag=grid_weight, group_size=group_size,
+                     min_zero_fraction=min_zero_fraction)
 
     dead = diag == 0  # [E, cols]
     # Working copy, transposed so that a column is contiguous: the per-column updates and the

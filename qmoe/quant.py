@@ -44,6 +44,7 @@ Ternary grid choice (``ternary_grid``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -174,44 +175,60 @@ def _grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1, group_size)
 
 
-def _best_levels(vs: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
-    """Optimal ``b`` for magnitudes ``vs`` ([N, n], sorted descending, >= 0) with weights ``ds``.
+def _level_gain(vs: torch.Tensor, s1: torch.Tensor, s0: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Error reduction ``2 b s1_m - b^2 s0_m`` of level ``b`` ([N]) over rounding all to 0.
+
+    ``m`` is the number of magnitudes above ``b/2`` (a prefix of the descending ``vs``), i.e. the
+    ones nearest rounding puts on ``b``. Returns ``[N, 1]``.
+    """
+    m = (vs > 0.5 * b[:, None]).sum(dim=1, keepdim=True)  # [N, 1]
+    at_m = (m - 1).clamp_min(0)
+    gain = 2 * b[:, None] * torch.gather(s1, 1, at_m) - b[:, None].square() * torch.gather(s0, 1, at_m)
+    return torch.where(m > 0, gain, torch.zeros_like(gain))
+
+
+def _best_levels(vs: torch.Tensor, ds: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Optimal ``b >= floor`` for magnitudes ``vs`` ([N, n], sorted descending, >= 0), weights ``ds``.
 
     Candidate ``k`` puts the ``k`` largest magnitudes on ``b`` = their weighted mean, which lowers
     the error of rounding them to 0 by ``s1_k^2 / s0_k`` (prefix sums of ``d v`` and ``d``); the
-    best ``k`` maximises that gain. Zero magnitudes (the other half of the row) are never
-    candidates. The min/max level ``b = vs[:, 0]`` gains ``2 b s1_m - b^2 s0_m`` with ``m`` the
-    number of magnitudes above ``b/2``; it is kept unless the optimum gains clearly more (beyond
-    float32 rounding), so that "never worse than min/max" also holds in floating point, e.g. for a
-    constant row where both are the same level up to one ulp.
+    best ``k`` with ``b_k >= floor`` maximises that gain. Zero magnitudes (the other half of the
+    row) are never candidates. The error is a continuous piecewise quadratic in ``b`` whose local
+    minima are such ``b_k``, so with a floor the only other candidate is ``b = floor`` itself.
 
-    Returns float32 ``[N]``; 0 for an all-zero half.
+    The min/max level ``b = vs[:, 0]`` is scored the same way and kept unless the optimum gains
+    clearly more (beyond float32 rounding), so that "never worse than min/max" also holds in
+    floating point, e.g. for a constant row where both are the same level up to one ulp.
+
+    ``floor`` is ``[N]`` (zeros for no constraint). Returns float32 ``[N]``.
     """
     s1 = torch.cumsum(ds * vs, dim=1)  # [N, n]
     s0 = torch.cumsum(ds, dim=1)
     valid = (vs > 0) & (s0 > 0)
-    gain = torch.where(valid, s1 * s1 / torch.where(valid, s0, torch.ones_like(s0)), -1.0)
+    b_k = s1 / torch.where(valid, s0, torch.ones_like(s0))  # [N, n], candidate levels
+    valid &= b_k >= floor[:, None]
+    gain = torch.where(valid, s1 * b_k, -1.0)  # s1 * b_k = s1^2 / s0
     best_gain, k = torch.max(gain, dim=1, keepdim=True)  # [N, 1]
-    best = (torch.gather(s1, 1, k) / torch.gather(s0, 1, k).clamp_min(torch.finfo(torch.float32).tiny)).squeeze(1)
+    best = torch.gather(b_k, 1, k).squeeze(1)
 
     b_mm = vs[:, 0]  # [N]
-    m = (vs > 0.5 * b_mm[:, None]).sum(dim=1, keepdim=True)  # [N, 1]
-    at_m = (m - 1).clamp_min(0)
-    gain_mm = torch.where(
-        m > 0,
-        2 * b_mm[:, None] * torch.gather(s1, 1, at_m) - b_mm[:, None].square() * torch.gather(s0, 1, at_m),
-        torch.zeros_like(best_gain),
-    )
-    # Require a gain beyond float32 rounding of the prefix sums before leaving min/max.
-    return torch.where((best_gain > gain_mm + 1e-5 * gain_mm.abs()).squeeze(1), best, b_mm)
+    mm_allowed = (b_mm >= floor)[:, None]
+    gain_mm = _level_gain(vs, s1, s0, b_mm)
+    gain_floor = _level_gain(vs, s1, s0, floor)
+    # Preference on near-ties: min/max, then the floor, then the interior optimum.
+    take_floor = ~mm_allowed | (gain_floor > gain_mm + 1e-5 * gain_mm.abs())
+    out, out_gain = torch.where(take_floor, floor[:, None], b_mm[:, None]), torch.where(take_floor, gain_floor, gain_mm)
+    take_best = torch.gather(valid, 1, k) & (best_gain > out_gain + 1e-5 * out_gain.abs())
+    return torch.where(take_best.squeeze(1), best, out.squeeze(1))
 
 
-def _optimized_ternary(flat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _optimized_ternary(flat: torch.Tensor, weight: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimized ``(lo, hi)`` ([N] each) for rows ``flat`` [N, n] with error weights ``weight`` [N, n].
 
-    One ascending sort per row serves both halves: the negative weights are a prefix in order of
-    decreasing magnitude, the positive weights a suffix that reads the same way backwards. Rows
-    are processed in chunks to bound the sort's scratch memory.
+    ``floor`` [N] bounds the level magnitudes from below (see :func:`_best_levels`). One ascending
+    sort per row serves both halves: the negative weights are a prefix in order of decreasing
+    magnitude, the positive weights a suffix that reads the same way backwards. Rows are processed
+    in chunks to bound the sort's scratch memory.
     """
     lo = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
     hi = torch.empty_like(lo)
@@ -220,21 +237,40 @@ def _optimized_ternary(flat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.
         r1 = min(r0 + rows_per_chunk, flat.shape[0])
         vs, order = torch.sort(flat[r0:r1], dim=1)  # [n_chunk, n], ascending
         ds = torch.gather(weight[r0:r1], 1, order)
-        lo[r0:r1] = -_best_levels((-vs).clamp_min(0), ds)
-        hi[r0:r1] = _best_levels(vs.flip(1).clamp_min(0), ds.flip(1))
+        lo[r0:r1] = -_best_levels((-vs).clamp_min(0), ds, floor[r0:r1])
+        hi[r0:r1] = _best_levels(vs.flip(1).clamp_min(0), ds.flip(1), floor[r0:r1])
     return lo, hi
 
 
-def _fit_ternary(wg: torch.Tensor, dg: torch.Tensor | None, optimized: bool):
-    """Ternary ``(lo, hi)``, each ``[E, rows, groups]``, for grouped weights ``[E, rows, groups, gs]``."""
+def _zero_floor(w: torch.Tensor, group_size: int | None, min_zero_fraction: float) -> torch.Tensor:
+    """``2 q`` per row (group) of ``w [E, rows, cols]``, ``q`` its ``min_zero_fraction`` quantile of ``|w|``.
+
+    Ternary levels of at least this magnitude round every ``|w| <= q`` to 0. Returns
+    ``[E, rows, groups]`` (groups = 1 without grouping).
+    """
+    size = w.shape[2] if group_size is None else group_size
+    floors = []
+    for c0 in range(0, w.shape[2], size):
+        part = w[:, :, c0 : c0 + size].abs()  # the last group may be shorter
+        k = max(1, math.ceil(min_zero_fraction * part.shape[2]))
+        floors.append(2 * torch.kthvalue(part, k, dim=2).values)
+    return torch.stack(floors, dim=2)
+
+
+def _fit_ternary(wg: torch.Tensor, dg: torch.Tensor | None, floor: torch.Tensor | None):
+    """Ternary ``(lo, hi)``, each ``[E, rows, groups]``, for grouped weights ``[E, rows, groups, gs]``.
+
+    ``floor`` None gives min/max; otherwise the optimized fit with level magnitudes at least
+    ``floor`` ``[E, rows, groups]`` (zeros: unconstrained).
+    """
     lo = wg.amin(dim=3).clamp_max(0)
     hi = wg.amax(dim=3).clamp_min(0)
-    if not optimized:
+    if floor is None:
         return lo, hi
     n = wg.shape[3]
     flat = wg.reshape(-1, n)  # [N, gs]
     weight = torch.ones_like(flat) if dg is None else dg.expand_as(wg).reshape(-1, n)
-    lo_opt, hi_opt = _optimized_ternary(flat, weight)
+    lo_opt, hi_opt = _optimized_ternary(flat, weight, floor.reshape(-1))
     return lo_opt.reshape(lo.shape), hi_opt.reshape(hi.shape)
 
 
@@ -258,6 +294,7 @@ def make_grid(
     ternary_grid: str = "optimized",
     hessian_diag: torch.Tensor | None = None,
     group_size: int | None = None,
+    min_zero_fraction: float = 0.0,
 ) -> Grid:
     """Fits a quantization grid per row (or per row and group of columns) of each matrix.
 
@@ -272,6 +309,12 @@ def make_grid(
             ternary fit only; None weighs all columns equally.
         group_size: None for one grid per row, else a positive number of consecutive columns
             sharing one grid.
+        min_zero_fraction: optimized ternary only: constrain ``|a|, b >= 2 q`` with ``q`` the
+            row's (group's) ``min_zero_fraction`` quantile of ``|w|``, so that round-to-nearest
+            leaves at least that fraction of zeros; the error is minimised exactly under the
+            constraint. 0 (default) is unconstrained. A sparsity-exploiting codec pays per
+            nonzero, so this trades error for bits; with a floor, min/max is only kept where it
+            satisfies it, so "never worse than min/max" then holds only at equal sparsity.
 
     Returns:
         :class:`Grid` with float32 parameters on ``w``'s device.
@@ -284,6 +327,8 @@ def make_grid(
         raise ValueError(f"ternary_grid must be 'optimized' or 'minmax', got {ternary_grid!r}")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+    if not 0.0 <= min_zero_fraction < 1.0:
+        raise ValueError(f"min_zero_fraction must be in [0, 1), got {min_zero_fraction!r}")
     if group_size is not None and group_size >= w.shape[2]:
         group_size = None  # one group spanning the row is a per-row grid
     w = w.float()
@@ -301,7 +346,11 @@ def make_grid(
             if not torch.isfinite(hd).all() or (hd < 0).any():
                 raise ValueError("hessian_diag must be finite and non-negative")
             dg = _grouped(hd[:, None, :], group_size)  # [E, 1, groups, gs]
-        lo, hi = _fit_ternary(wg, dg, ternary_grid == "optimized")
+        floor = None
+        if ternary_grid == "optimized":
+            floor = (_zero_floor(w, group_size, min_zero_fraction) if min_zero_fraction > 0
+                     else torch.zeros(wg.shape[:3], device=w.device))
+        lo, hi = _fit_ternary(wg, dg, floor)
         return Grid("ternary", None, lo=squeeze(lo), hi=squeeze(hi), group_size=group_size, cols=w.shape[2])
     scale, zero = _fit_int(wg, bits)
     return Grid("int", bits, scale=squeeze(scale), zero=squeeze(zero), group_size=group_size, cols=w.shape[2])

@@ -1,5 +1,7 @@
 """Quantizers: grids checked against plain per-row definitions and a brute-force ternary search."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -42,23 +44,39 @@ def test_minmax_ternary_matches_definition():
             assert q[e, r].tolist() == pytest.approx(_plain_ternary_round(row, a, b))
 
 
-def test_optimized_ternary_is_the_global_optimum_of_its_objective():
-    """Brute force: every candidate b in a fine scan and at every breakpoint 2|w_j| is no better."""
+@pytest.mark.parametrize("min_zero_fraction", [0.0, 0.6])
+def test_optimized_ternary_is_the_global_optimum_of_its_objective(min_zero_fraction):
+    """Brute force: every admissible b in a fine scan and at every breakpoint 2|w_j| is no better."""
     w = _awkward_weights(E=2, rows=12, cols=19, seed=1)
     d = torch.rand(2, 19, generator=torch.Generator().manual_seed(2)) + 0.05
-    grid = make_grid(w, "ternary", "optimized", hessian_diag=d)
+    grid = make_grid(w, "ternary", "optimized", hessian_diag=d, min_zero_fraction=min_zero_fraction)
     q = quantize_rtn(w, grid)
     for e in range(2):
         for r in range(12):
             row, de = w[e, r], d[e]
             ours = _weighted_error(row, q[e, r].tolist(), de)
+            mags = sorted(abs(x) for x in row.tolist())
+            floor = 2 * mags[max(1, math.ceil(min_zero_fraction * 19)) - 1] if min_zero_fraction else 0.0
+            assert -grid.lo[e, r].item() >= floor and grid.hi[e, r].item() >= floor
+            assert (q[e, r] == 0).float().mean().item() >= min_zero_fraction
             amax = float(row.abs().max())
-            scan = [amax * 2.5 * i / 400 for i in range(401)] + [2 * abs(x) for x in row.tolist()]
-            scan += [abs(x) for x in row.tolist()]
+            scan = [amax * 2.5 * i / 400 for i in range(401)] + [2 * m for m in mags] + mags + [floor]
+            scan = [b for b in scan if b >= floor]
             # The halves are independent, so scanning a and b separately is a full search.
             best_b = min(_weighted_error(row.clamp_min(0), _plain_ternary_round(row.clamp_min(0), 0.0, b), de) for b in scan)
             best_a = min(_weighted_error(row.clamp_max(0), _plain_ternary_round(row.clamp_max(0), -a, 0.0), de) for a in scan)
             assert ours <= best_a + best_b + 1e-5 * (1 + ours)
+
+
+def test_zero_fraction_floor_holds_per_row_and_group():
+    w = torch.randn(2, 30, 70, generator=torch.Generator().manual_seed(4))
+    for group_size in (None, 16):
+        for s in (0.5, 0.85):
+            grid = make_grid(w, "ternary", min_zero_fraction=s, group_size=group_size)
+            zero = quantize_rtn(w, grid) == 0
+            size = group_size or 70
+            for c0 in range(0, 70, size):
+                assert (zero[:, :, c0 : c0 + size].float().mean(dim=2) >= s - 1e-6).all()
 
 
 @pytest.mark.parametrize("group_size", [None, 8])
@@ -162,6 +180,8 @@ def test_bad_arguments_raise():
         make_grid(w, "ternary", "lloyd")
     with pytest.raises(ValueError, match="experts, rows, cols"):
         make_grid(w[0])
+    with pytest.raises(ValueError, match="min_zero_fraction"):
+        make_grid(w, "ternary", min_zero_fraction=1.0)
     with pytest.raises(ValueError, match="group_size"):
         make_grid(w, 4, group_size=0)
     with pytest.raises(ValueError, match="hessian_diag"):
