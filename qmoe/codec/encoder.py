@@ -1,10 +1,10 @@
 """Encoder (codec/FORMAT.md 3.1, 3.4): ternary int8 matrix -> :class:`EncodedMatrix`.
 
 Rows are independent, so numba encodes them in parallel (row chunks over threads, see
-``_parallel``) in one pass: each row is walked through its class's trie into a per-row scratch line of ``cols``
-codewords (a row never needs more; the untouched tail of the ``np.empty`` scratch is never paged
-in), then the lines are compacted behind a prefix sum of the per-row counts. One trie step is one
-table load.
+``_parallel``) in one pass: each row is walked through its class's trie into a per-row scratch
+line of ``cols`` codewords (a row never needs more, as every codeword consumes at least one symbol
+before the row end; the untouched tail of the ``np.empty`` scratch is never paged in), then the
+lines are compacted behind a prefix sum of the per-row counts. One trie step is one table load.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .dictionary import Dictionary, default_dictionary
 from ._parallel import row_bounds
+from .dictionary import Dictionary, default_dictionary
 from .matrix import EncodedMatrix, float_to_bf16_bits
 
 __all__ = ["encode", "CLASS_SELECTIONS"]
