@@ -148,6 +148,17 @@ def test_large_random_round_trip_with_varying_sparsity(dict_name):
         assert len(set(enc.row_class.tolist())) >= 6  # rows of different sparsity use different classes
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dict_name", DICTIONARIES)
+@pytest.mark.parametrize("shape", [(2080, 6144), (6144, 2080)])
+def test_c2048_expert_shapes_round_trip(dict_name, shape):
+    t = np.concatenate([_iid(shape[0] // 2, shape[1], 0.885, seed=16), _iid(shape[0] // 2, shape[1], 0.55, seed=17)])
+    enc = codec.encode(t, dictionary=DICTIONARIES[dict_name]())
+    np.testing.assert_array_equal(codec.decode(enc), t)
+    x = np.random.default_rng(18).standard_normal((3, shape[1])).astype(np.float32)
+    np.testing.assert_allclose(codec.matmul(x, enc), x.astype(np.float64) @ t.T, rtol=1e-5, atol=1e-3)
+
+
 def test_exact_class_selection_is_never_longer_and_round_trips():
     rng = np.random.default_rng(6)
     t = np.concatenate([_iid(1, 777, p0, seed=i) for i, p0 in enumerate(rng.uniform(0.5, 0.97, 200))])
@@ -382,7 +393,10 @@ def test_bad_scales_raise(scales, match):
 
 
 @pytest.mark.parametrize("dict_name", DICTIONARIES)
-@pytest.mark.parametrize("rows,cols,tokens", [(0, 5, 3), (1, 1, 1), (7, 3, 2), (37, 118, 1), (64, 301, 5)])
+# The last shape is large enough to run on numba's thread pool (codec/_parallel.py); the others
+# run serially.
+@pytest.mark.parametrize("rows,cols,tokens", [(0, 5, 3), (1, 1, 1), (7, 3, 2), (37, 118, 1), (64, 301, 5),
+                                              (600, 2000, 4)])
 def test_matmul_matches_dense_matmul_of_decoded_weights(dict_name, rows, cols, tokens):
     t = _iid(rows, cols, 0.8, seed=rows + cols)
     rng = np.random.default_rng(14)
