@@ -12,7 +12,9 @@ Per-block memory comes from the checkpoint's manifest and config alone (no weigh
 * compressed experts: the block file's size from the manifest minus its dense bf16 bytes; the
   experts stay in their stored layout in memory, so file bytes are memory bytes (the safetensors
   header, a few KiB, is counted too: a slight overestimate);
-* the codec dictionary (ternary checkpoints): one copy on every device holding a sparse block.
+* the codec dictionary (ternary checkpoints): one copy on every device holding a sparse block
+  (several CPU entries, as in the multi-device tests, share one copy at runtime; the plan counts
+  one per entry, erring on the safe side).
 
 Placement: for a fixed utilization ``u`` a greedy pass fills device ``i`` with blocks while its
 bytes stay within ``u * budget_i``; the greedy pass is optimal for contiguous runs in a fixed device

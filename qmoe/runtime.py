@@ -400,11 +400,14 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
         for mlp_name, mats in weights.experts.items():
             dictionary_tensors = None
             if any(p.kind == "ternary" for p in mats.values()) and not ideal_dense:
-                if device not in dictionary_on:
+                # "cpu" and "cpu:0" are one memory: one copy (the ops' CPU path also caches the
+                # decoded dictionary by tensor identity, so a second copy would thrash that cache).
+                key = torch.device("cpu") if device.type == "cpu" else device
+                if key not in dictionary_on:
                     from . import ops
 
-                    dictionary_on[device] = ops.dictionary_tensors(ckpt.dictionary, device)
-                dictionary_tensors = dictionary_on[device]
+                    dictionary_on[key] = ops.dictionary_tensors(ckpt.dictionary, device)
+                dictionary_tensors = dictionary_on[key]
             sparse[mlp_name].experts = _experts_for(mlp_name, mats, config, device, dtype, ideal_dense,
                                                     expert_shard, process_group, dictionary_tensors)
         materialize(module, weights.dense, device=device, dtype=dtype, prefix=block)
