@@ -177,6 +177,12 @@ def test_ternary_experts_equal_decoded_dense(tmp_path, tiny_reference):
     ids, mask, dec = tiny_inputs(cfg["vocab_size"])
     ref = reference(cfg, decoded)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     torch.testing.assert_close(model(ids, dec, attention_mask=mask).logits, ref, rtol=1e-4, atol=1e-4)
+    # The ideal dense baseline of a ternary checkpoint holds expert 0's decoded weights.
+    ideal = load_compressed(str(tmp_path), devices=["cpu"], dtype=torch.float32, ideal_dense=True)
+    for name, module in ideal.model.named_modules():
+        if isinstance(module, IdealDenseExperts):
+            for m in ("wi", "wo"):
+                assert torch.equal(getattr(module, m), decoded[f"{name}.expert_0.{m}.weight"])
 
 
 def test_ternary_layers_share_one_dictionary_and_slice_exactly(tmp_path, tiny_reference):
