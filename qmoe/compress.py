@@ -840,7 +840,7 @@ class Compressor:
             config["quantization_config"] = quant_cfg
             storage.atomic_write_json(os.path.join(self.out_dir, "config.json"), config)
             storage.copy_tokenizer(os.path.dirname(self.reader.resolve_file("spiece.model")), self.out_dir)
-            storage.atomic_write_json(os.path.join(self.out_dir, "qmoe_report.json"),
+            storage.atomic_write_json(os.path.join(self.out_dir, storage.REPORT),
                                       {k: v for k, v in report.items() if k not in ("timings", "seconds",
                                                                                     "peak_rss_bytes",
                                                                                     "peak_gpu_bytes", "out")})

@@ -46,6 +46,9 @@ FORMAT_VERSION = 1
 MANIFEST = "qmoe_manifest.json"
 DICTIONARY_FILE = "dictionary.safetensors"
 DICTIONARY_REF = "dictionary.json"
+# Informational sidecars, not part of the checksummed checkpoint: the compression report (its GPTQ
+# error diagnostics are float sums whose last bits follow the thread count) and the model card.
+REPORT = "qmoe_report.json"
 BLOCK_DIR = "blocks"
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -392,13 +395,14 @@ def copy_tokenizer(src_dir: str, out_dir: str) -> List[str]:
 
 
 def write_manifest(out_dir: str, block_names: Iterable[str], extra: Optional[dict] = None) -> dict:
-    """Hashes every file of the checkpoint and writes ``qmoe_manifest.json`` last."""
+    """Hashes every file of the checkpoint (not the report and model card) and writes
+    ``qmoe_manifest.json`` last."""
     files = {}
     for root, _, names in os.walk(out_dir):
         for name in names:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, out_dir)
-            if rel == MANIFEST or rel.startswith(".") or ".tmp." in name:
+            if rel in (MANIFEST, REPORT, "README.md") or rel.startswith(".") or ".tmp." in name:
                 continue
             files[rel] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
     manifest = {"format": "qmoe", "format_version": FORMAT_VERSION, "blocks": list(block_names),
