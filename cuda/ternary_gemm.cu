@@ -5,7 +5,8 @@
 //
 // 1. build_work_items: one block reads token_offsets and writes two compact work lists, skipping experts
 //    without tokens. Experts with few tokens get GEMV items of up to kTokens tokens; experts with at
-//    least kTileMinTokens tokens get tile items of up to kTileTokens tokens.
+//    least kTileMinTokens tokens get tile items of up to kTileTokens tokens. A lone expert without
+//    tensor-core work (a single matrix) skips it: gemv_kernel derives its items from the token count.
 // 2. gemv_kernel (few tokens per expert): one warp per weight row. Each lane fetches one codeword's
 //    16-byte dictionary entry; a warp prefix sum of entry lengths gives each lane its first column; the
 //    lane then walks only its entry's nonzeros, adding x[t][col] into a positive or a negative sum for
@@ -177,14 +178,27 @@ __global__ void build_work_items(const int64_t* token_offsets, int64_t num_exper
   }
 }
 
+// Where gemv_kernel finds its work items: the list build_work_items wrote or, for a lone expert with no
+// tensor-core work (a single matrix), computed in place, which saves the builder's launch at batch 1.
+struct GemvWork {
+  const WorkItem* items;         // list mode: the GEMV list ...
+  const int* counts;             // ... and the builder's counts
+  const int64_t* token_offsets;  // direct mode: [2], must be {0, total_tokens}
+  int64_t total_tokens;
+  bool direct;
+};
+
 // GEMV path; see the file comment. Work unit = (item, block of rows_per_block rows), grid-stride so the
 // grid can be sized before the number of items (known only on the device) is.
 template <class T, int kTokens>
 __global__ void __launch_bounds__(kGemvThreads, 2)
-    gemv_kernel(const T* __restrict__ x, T* __restrict__ y, Layer L, const WorkItem* __restrict__ items,
-                const int* __restrict__ counts, int64_t total_tokens, int64_t rows_per_block, bool stage_x) {
-  if (counts[2] != 0) {  // malformed token_offsets: define y as zeros (see build_work_items)
-    const int64_t n = total_tokens * L.rows;
+    gemv_kernel(const T* __restrict__ x, T* __restrict__ y, Layer L, GemvWork work, int64_t rows_per_block,
+                bool stage_x) {
+  const bool malformed = work.direct
+                             ? (work.token_offsets[0] != 0 || work.token_offsets[1] != work.total_tokens)
+                             : work.counts[2] != 0;
+  if (malformed) {  // token_offsets do not partition the tokens: define y as zeros (see build_work_items)
+    const int64_t n = work.total_tokens * L.rows;
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
       y[i] = from_float<T>(0.0f);
@@ -196,10 +210,18 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t row_blocks = (L.rows + rows_per_block - 1) / rows_per_block;
-  const int64_t units = static_cast<int64_t>(counts[0]) * row_blocks;
+  const int64_t n_items = work.direct ? (work.total_tokens + kTokens - 1) / kTokens : work.counts[0];
+  const int64_t units = n_items * row_blocks;
 
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
-    const WorkItem item = items[unit / row_blocks];
+    WorkItem item;
+    if (work.direct) {
+      item.expert = 0;
+      item.token_start = unit / row_blocks * kTokens;
+      item.n_tokens = static_cast<int32_t>(min(static_cast<int64_t>(kTokens), work.total_tokens - item.token_start));
+    } else {
+      item = work.items[unit / row_blocks];
+    }
     const int64_t row_begin = (unit % row_blocks) * rows_per_block;
     const int64_t row_end = min(L.rows, row_begin + rows_per_block);
     const T* x_item = x + item.token_start * L.cols;
@@ -432,11 +454,13 @@ int grid_for(Kernel kernel, int threads, size_t smem, int sms, int64_t max_units
 }
 
 template <class T, int kTokens>
-cudaError_t launch_gemv(const QmoeGroupedArgs& a, const Layer& L, const Workspace& w, int sms, cudaStream_t stream) {
+cudaError_t launch_gemv(const QmoeGroupedArgs& a, const Layer& L, const Workspace& w, bool direct, int sms,
+                        cudaStream_t stream) {
   // Items are known only on the device; an upper bound sizes rows per block so that a lone expert still
   // spreads over every SM while a full layer gets longer blocks that reuse their staged x.
   // (sum over experts of ceil(n_e / kTokens) <= total / kTokens + E.)
-  const int64_t max_items = std::min<int64_t>(w.gemv_capacity, a.total_tokens / kTokens + a.num_experts);
+  const int64_t max_items = direct ? (a.total_tokens + kTokens - 1) / kTokens
+                                   : std::min<int64_t>(w.gemv_capacity, a.total_tokens / kTokens + a.num_experts);
   const int64_t expected_items = std::max<int64_t>(1, std::min<int64_t>(max_items, a.num_experts));
   const int64_t wanted_row_blocks = std::max<int64_t>(1, 4 * static_cast<int64_t>(sms) / expected_items);
   const int64_t rows_per_block =
@@ -450,20 +474,26 @@ cudaError_t launch_gemv(const QmoeGroupedArgs& a, const Layer& L, const Workspac
   const int64_t max_units = max_items * ((L.rows + rows_per_block - 1) / rows_per_block);
   auto kernel = gemv_kernel<T, kTokens>;
   const int grid = grid_for(kernel, kGemvThreads, smem, sms, max_units);
-  kernel<<<grid, kGemvThreads, smem, stream>>>(static_cast<const T*>(a.x), static_cast<T*>(a.y), L, w.gemv_items,
-                                              w.counts, a.total_tokens, rows_per_block, stage_x);
+  GemvWork work;
+  work.items = w.gemv_items;
+  work.counts = w.counts;
+  work.token_offsets = a.token_offsets;
+  work.total_tokens = a.total_tokens;
+  work.direct = direct;
+  kernel<<<grid, kGemvThreads, smem, stream>>>(static_cast<const T*>(a.x), static_cast<T*>(a.y), L, work,
+                                              rows_per_block, stage_x);
   return cudaGetLastError();
 }
 
 template <class T>
 cudaError_t launch_paths(const QmoeGroupedArgs& a, const Layer& L, const Workspace& w, int gemv_tokens,
-                         bool use_tiles, int sms, cudaStream_t stream) {
+                         bool use_tiles, bool direct, int sms, cudaStream_t stream) {
   cudaError_t status = cudaSuccess;
   switch (gemv_tokens) {
-    case 1: status = launch_gemv<T, 1>(a, L, w, sms, stream); break;
-    case 2: status = launch_gemv<T, 2>(a, L, w, sms, stream); break;
-    case 4: status = launch_gemv<T, 4>(a, L, w, sms, stream); break;
-    default: status = launch_gemv<T, 8>(a, L, w, sms, stream); break;
+    case 1: status = launch_gemv<T, 1>(a, L, w, direct, sms, stream); break;
+    case 2: status = launch_gemv<T, 2>(a, L, w, direct, sms, stream); break;
+    case 4: status = launch_gemv<T, 4>(a, L, w, direct, sms, stream); break;
+    default: status = launch_gemv<T, 8>(a, L, w, direct, sms, stream); break;
   }
   if (status != cudaSuccess || !use_tiles) return status;
   if constexpr (!std::is_same<T, float>::value) {
@@ -541,16 +571,20 @@ extern "C" int qmoe_grouped_matmul(const QmoeGroupedArgs* args, char* error, int
   const int64_t tile_units = a.total_tokens / kTileTokens * ((a.rows + kTileRows - 1) / kTileRows);
   const bool tiles_pay = a.path == QMOE_PATH_TILE || (a.path == QMOE_PATH_AUTO && tile_units >= 2 * sms);
   const bool use_tiles = a.dtype != QMOE_FP32 && a.total_tokens >= kTileMinTokens && tiles_pay;
-  const int tile_min = use_tiles ? kTileMinTokens : static_cast<int>(kIntMax);
-  build_work_items<<<1, 1024, 0, stream>>>(a.token_offsets, a.num_experts, a.total_tokens, gemv_tokens, tile_min,
-                                           w.gemv_items, w.gemv_capacity, w.tile_items, w.tile_capacity, w.counts);
-  if (check_cuda(cudaGetLastError(), "work-list launch", error, error_len)) return 1;
+  // A lone expert without tensor-core work needs no work list: gemv_kernel derives its items itself.
+  const bool direct = a.num_experts == 1 && !use_tiles;
+  if (!direct) {
+    const int tile_min = use_tiles ? kTileMinTokens : static_cast<int>(kIntMax);
+    build_work_items<<<1, 1024, 0, stream>>>(a.token_offsets, a.num_experts, a.total_tokens, gemv_tokens, tile_min,
+                                             w.gemv_items, w.gemv_capacity, w.tile_items, w.tile_capacity, w.counts);
+    if (check_cuda(cudaGetLastError(), "work-list launch", error, error_len)) return 1;
+  }
 
   cudaError_t status = cudaSuccess;
   switch (a.dtype) {
-    case QMOE_BF16: status = launch_paths<__nv_bfloat16>(a, L, w, gemv_tokens, use_tiles, sms, stream); break;
-    case QMOE_FP16: status = launch_paths<__half>(a, L, w, gemv_tokens, use_tiles, sms, stream); break;
-    default: status = launch_paths<float>(a, L, w, gemv_tokens, false, sms, stream); break;
+    case QMOE_BF16: status = launch_paths<__nv_bfloat16>(a, L, w, gemv_tokens, use_tiles, direct, sms, stream); break;
+    case QMOE_FP16: status = launch_paths<__half>(a, L, w, gemv_tokens, use_tiles, direct, sms, stream); break;
+    default: status = launch_paths<float>(a, L, w, gemv_tokens, false, direct, sms, stream); break;
   }
   return check_cuda(status, "GEMM launch", error, error_len);
 }

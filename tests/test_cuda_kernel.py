@@ -175,3 +175,10 @@ def test_malformed_token_offsets_give_zeros(dictionary, dict_gpu):
             x, torch.tensor(bad, device=DEVICE), *(layer[k] for k in ops._LAYER_KEYS),
             *(dict_gpu[k] for k in ops._DICTIONARY_KEYS))
         assert (y == 0).all(), bad
+    # A single expert takes the launch without a work list; it checks its offsets itself.
+    _, single = make_layer(dictionary, 1, rows=16, cols=64, seed=9)
+    single = to_gpu(single)
+    y = torch.ops.qmoe.ternary_grouped_matmul(
+        x, torch.tensor([0, 5], device=DEVICE), *(single[k] for k in ops._LAYER_KEYS),
+        *(dict_gpu[k] for k in ops._DICTIONARY_KEYS))
+    assert (y == 0).all()
