@@ -362,6 +362,8 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
     file checksums against the manifest. Files are safetensors and JSON only; nothing is unpickled.
     """
     source = os.fspath(source)
+    if device_map is not None and devices not in (None, "auto"):
+        raise CompressedModelError("pass devices (planned placement) or device_map (explicit), not both")
     ckpt = open_compressed(source, revision=revision, verify=verify)
     config = ckpt.config
     stored = ckpt.block_names()

@@ -109,6 +109,10 @@ def test_stop_tokens_end_each_sequence(model, compressed):
         assert all(t == cfg["pad_token_id"] for t in row[end:])  # padding afterwards
     assert out.shape[1] <= free.shape[1]
     assert generate(model, ids, attention_mask=mask, max_new_tokens=0).shape == (3, 1)
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate(model, ids, attention_mask=mask[:, :-1], max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(model, ids[0], max_new_tokens=2)
 
 
 def _plain_filter(logits, temperature, top_k, top_p):

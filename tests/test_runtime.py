@@ -293,6 +293,8 @@ def test_bad_device_map_is_refused(int4_model):
         load_compressed(path, device_map={**{b: "cpu" for b in names}, "encoder.block.99": "cpu"})
     with pytest.raises(PlacementError, match="not a device"):
         load_compressed(path, device_map={**{b: "cpu" for b in names}, "shared": "gpu7"})
+    with pytest.raises(CompressedModelError, match="not both"):
+        load_compressed(path, devices=["cpu"], device_map={b: "cpu" for b in names})
 
 
 # ------------------------------------------------------------------------------ ideal dense baseline
