@@ -6,8 +6,8 @@ Decoding runs the encoder once, then one decoder token per step:
   ([B, H, max_len, d_kv] per block, on the block's device); the step attends to positions 0..t;
 * cross-attention keys/values of the encoder output are computed once per block before the first
   step;
-* the relative position bias for all positions is computed once ([1, H, max_len, max_len]) and each
-  step takes its row, so step t sees exactly the bias the uncached decoder gives query t.
+* the relative position bias is computed once per distance ([H, max_len]); step t reads the
+  distances t..0 of its keys 0..t, exactly the values the uncached decoder gives query t.
 
 Every operation is the one :class:`qmoe.model.SwitchBlock` runs on that token (same modules, same
 dtypes, same order), so greedy decoding with the cache equals re-running the decoder on the whole
@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from .model import Attention, SwitchForConditionalGeneration, relative_position_bias
+from .model import Attention, SwitchForConditionalGeneration, relative_position_bucket
 
 __all__ = ["generate", "filter_logits", "choose_tokens", "evaluate_loss", "generate_text",
            "add_generate_arguments", "add_eval_arguments", "generate_cli", "eval_cli"]
@@ -78,19 +78,23 @@ class DecoderCache:
         self.self_v: List[torch.Tensor] = []
         self.cross_k: List[torch.Tensor] = []
         self.cross_v: List[torch.Tensor] = []
-        table = decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
-        position_bias = relative_position_bias(table, max_len, max_len, bidirectional=False,
-                                               max_distance=cfg.relative_attention_max_distance).to(dtype)
+        table = decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # [buckets, H]
+        # The decoder's bias depends only on the distance t - j >= 0 between query t and key j, so
+        # one row per distance serves every step: O(H * max_len) instead of O(H * max_len^2).
+        distance = torch.arange(max_len, device=table.device)
+        bucket = relative_position_bucket(-distance, bidirectional=False, num_buckets=table.shape[0],
+                                          max_distance=cfg.relative_attention_max_distance)
+        bias_by_distance = F.embedding(bucket, table).t().to(dtype)  # [H, max_len]
         cross_bias = decoder.cross_attention_bias(
             None if encoder_mask is None else encoder_mask.to(table.device), B, S, dtype, table.device)
-        self.position_bias: Dict[torch.device, torch.Tensor] = {}  # [1, H, max_len, max_len]
+        self.bias_by_distance: Dict[torch.device, torch.Tensor] = {}  # [H, max_len]
         self.cross_bias: Dict[torch.device, torch.Tensor] = {}  # [B, 1, 1, S]
         encoder_on: Dict[torch.device, torch.Tensor] = {}
         for i, block in enumerate(decoder.block):
             dev = placed.block_device(f"decoder.block.{i}")
             if dev not in encoder_on:
                 encoder_on[dev] = encoder_hidden.to(dev)
-                self.position_bias[dev] = position_bias.to(dev)
+                self.bias_by_distance[dev] = bias_by_distance.to(dev)
                 self.cross_bias[dev] = cross_bias.to(dev)
             cross = block.layer[1].EncDecAttention
             self.cross_k.append(_heads(cross.k(encoder_on[dev]), cross))  # [B, H, S, d_kv]
@@ -114,7 +118,7 @@ class DecoderCache:
             normed = self_layer.layer_norm(hidden)
             self.self_k[i][:, :, t] = _heads(attn.k(normed), attn)[:, :, 0]
             self.self_v[i][:, :, t] = _heads(attn.v(normed), attn)[:, :, 0]
-            bias = self.position_bias[dev][:, :, t:t + 1, :t + 1]  # [1, H, 1, t+1]
+            bias = self.bias_by_distance[dev][:, :t + 1].flip(-1)[None, :, None, :]  # [1, H, 1, t+1], key j at t - j
             hidden = hidden + _attend(attn, normed, self.self_k[i][:, :, :t + 1], self.self_v[i][:, :, :t + 1], bias)
             hidden = hidden + _attend(cross_layer.EncDecAttention, cross_layer.layer_norm(hidden),
                                       self.cross_k[i], self.cross_v[i], self.cross_bias[dev])
@@ -279,7 +283,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser, require_prompt: bool
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", type=int, action="append", default=None, help="stop token id (repeatable; default EOS)")
+    parser.add_argument("--stop", type=int, action="append", default=None,
+                        help="stop token id (repeatable; default EOS)")
     return parser
 
 

@@ -328,7 +328,8 @@ def _experts_for(mlp_name: str, mats: Mapping[str, PackedExperts], config: Switc
                  dictionary_tensors) -> nn.Module:
     """The experts module replacing ``mlp_name``'s dense experts; checks the packed shapes first."""
     if set(mats) != {"wi", "wo"}:
-        raise CompressedModelError(f"{mlp_name}: the checkpoint stores expert matrices {sorted(mats)}, expected wi and wo")
+        raise CompressedModelError(f"{mlp_name}: the checkpoint stores expert matrices {sorted(mats)}, "
+                                   "expected wi and wo")
     want = {"wi": (config.d_ff, config.d_model), "wo": (config.d_model, config.d_ff)}
     for m, packed in mats.items():
         if packed.num_experts != config.num_experts or (packed.rows, packed.cols) != want[m]:
@@ -340,8 +341,9 @@ def _experts_for(mlp_name: str, mats: Mapping[str, PackedExperts], config: Switc
                                  config.dense_act_fn)
     expert_range = None if expert_shard is None else shard_range(config.num_experts, *expert_shard)
     wi, wo = mats["wi"].to(device), mats["wo"].to(device)
-    return CompressedExperts(wi, wo, config.dense_act_fn, dictionary_tensors=dictionary_tensors, expert_range=expert_range,
-                             process_group=process_group, where=f"{mlp_name}.experts").to(device)
+    return CompressedExperts(wi, wo, config.dense_act_fn, dictionary_tensors=dictionary_tensors,
+                             expert_range=expert_range, process_group=process_group,
+                             where=f"{mlp_name}.experts").to(device)
 
 
 def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | None = None,
@@ -386,7 +388,8 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
     if dtype not in _RUNTIME_DTYPES:
         raise CompressedModelError(f"runtime dtype must be float32 or bfloat16, got {dtype}")
     if expert_shard is not None and not torch.distributed.is_initialized():
-        raise CompressedModelError("expert_shard needs torch.distributed initialized (see scripts/generate_torchrun.py)")
+        raise CompressedModelError("expert_shard needs torch.distributed initialized "
+                                   "(see scripts/generate_torchrun.py)")
 
     model = build_skeleton(config)
     sparse = dict(model.sparse_mlps())

@@ -228,7 +228,8 @@ def test_eval_cli_reports_loss(compressed, tmp_path):
         pytest.skip("bundled text not installed")
     out = tmp_path / "eval.json"
     args = add_eval_arguments(argparse.ArgumentParser()).parse_args(
-        [path, "--samples", "2", "--batch-size", "2", "--length", "128", "--devices", "cpu", "--dtype", "float32", "--json", str(out)])
+        [path, "--samples", "2", "--batch-size", "2", "--length", "128", "--devices", "cpu", "--dtype", "float32",
+         "--json", str(out)])
     result = eval_cli(args)
     saved = json.loads(out.read_text())
     assert saved["loss"] == pytest.approx(result["loss"]) and result["tokens"] > 0
