@@ -139,13 +139,17 @@ def parse_devices(devices: Sequence[str | DeviceBudget] | str | None,
     return out
 
 
-def block_memory(config: SwitchConfig, block_bytes: Mapping[str, int], dense_dtype: torch.dtype) -> Dict[str, int]:
+def block_memory(config: SwitchConfig, block_bytes: Mapping[str, int], dense_dtype: torch.dtype,
+                 expert_fraction: float = 1.0) -> Dict[str, int]:
     """Resident bytes of every block once loaded, in execution order.
 
     ``block_bytes``: stored size of each block file (from the manifest); a tied ``lm_head`` may be
     absent (it reuses ``shared.weight`` and costs nothing). Dense tensors are counted at
-    ``dense_dtype``; the rest of the file (packed experts) at its stored size.
+    ``dense_dtype``; the rest of the file (packed experts) at its stored size times
+    ``expert_fraction`` (the share of experts a process holds under expert parallelism).
     """
+    if not 0 < expert_fraction <= 1:
+        raise PlacementError(f"expert_fraction must be in (0, 1], got {expert_fraction}")
     elem = torch.empty((), dtype=dense_dtype).element_size()
     out = {}
     for name in config.block_names():
@@ -154,10 +158,11 @@ def block_memory(config: SwitchConfig, block_bytes: Mapping[str, int], dense_dty
                 out[name] = 0
                 continue
             raise PlacementError(f"the checkpoint has no block {name!r}, which the config requires")
-        dense_numel = sum(math.prod(shape) for tensor, shape in config.block_tensor_shapes(name).items()
-                          if ".mlp.experts." not in tensor)
-        expert_bytes = max(0, int(block_bytes[name]) - 2 * dense_numel)  # dense is stored as bf16
-        out[name] = expert_bytes + dense_numel * elem
+        shapes = config.block_tensor_shapes(name)
+        dense_numel = sum(math.prod(shape) for tensor, shape in shapes.items() if ".mlp.experts." not in tensor)
+        rest = max(0, int(block_bytes[name]) - 2 * dense_numel)  # dense is stored as bf16
+        has_experts = any(".mlp.experts." in tensor for tensor in shapes)
+        out[name] = (math.ceil(rest * expert_fraction) if has_experts else rest) + dense_numel * elem
     return out
 
 
@@ -242,12 +247,13 @@ def default_dense_dtype(devices: Sequence[str]) -> torch.dtype:
 
 def plan_blocks(config: SwitchConfig, block_bytes: Mapping[str, int],
                 devices: Sequence[str | DeviceBudget] | str | None = None, dense_dtype: torch.dtype | None = None,
-                headroom: float = DEFAULT_HEADROOM, dictionary_bytes: int = 0) -> dict:
+                headroom: float = DEFAULT_HEADROOM, dictionary_bytes: int = 0, expert_fraction: float = 1.0) -> dict:
     """Plans the placement of a model whose block files have sizes ``block_bytes``.
 
     ``devices``: as in :func:`parse_devices`; ``headroom``: fraction of free memory left unplanned;
     ``dense_dtype``: default :func:`default_dense_dtype`; ``dictionary_bytes``: resident size of the
-    codec dictionary, counted once on every device holding a sparse block (0 for integer experts).
+    codec dictionary, counted once on every device holding a sparse block (0 for integer experts);
+    ``expert_fraction``: share of every layer's experts this process holds (expert parallelism).
     Returns a JSON-able dict::
 
         {"fits": bool, "utilization": float, "total_bytes": int,
@@ -256,7 +262,7 @@ def plan_blocks(config: SwitchConfig, block_bytes: Mapping[str, int],
     """
     budgets = parse_devices(devices, headroom)
     dense_dtype = dense_dtype or default_dense_dtype([b.device for b in budgets])
-    sizes = block_memory(config, block_bytes, dense_dtype)
+    sizes = block_memory(config, block_bytes, dense_dtype, expert_fraction)
     sparse_blocks = {f"{stack}.block.{i}" for stack in ("encoder", "decoder")
                      for i in range(config.num_blocks(stack)) if config.is_sparse(stack, i)}
     # An lm_head tied to the embeddings and not stored is shared.weight itself: it runs where the

@@ -378,8 +378,10 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
     if device_map is None:
         budgets = parse_devices(devices, headroom)
         plan_dtype = dtype or default_dense_dtype([b.device for b in budgets])
+        lo, hi = (0, config.num_experts) if expert_shard is None else shard_range(config.num_experts, *expert_shard)
         result = plan_blocks(config, {b: ckpt.block_bytes(b) for b in stored}, budgets, plan_dtype,
-                             dictionary_bytes=0 if ideal_dense else dictionary_memory(ckpt))
+                             dictionary_bytes=0 if ideal_dense else dictionary_memory(ckpt),
+                             expert_fraction=max(hi - lo, 1) / config.num_experts)
         if not result["fits"]:
             raise PlacementError(f"{source}: the model does not fit on the given devices\n{format_plan(result)}")
         device_map = result["device_map"]

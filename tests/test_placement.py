@@ -119,6 +119,24 @@ def test_dictionary_is_counted_once_per_device(checkpoints):
     assert split["total_bytes"] == total + split["dictionary_bytes"]
 
 
+def test_expert_fraction_scales_only_expert_bytes(checkpoints):
+    path, cfg = checkpoints["c2048"]
+    config = SwitchConfig.from_dict(cfg)
+    from qmoe.storage import open_compressed
+
+    ckpt = open_compressed(path)
+    sizes = {b: ckpt.block_bytes(b) for b in ckpt.block_names()}
+    full = block_memory(config, sizes, torch.bfloat16)
+    half = block_memory(config, sizes, torch.bfloat16, expert_fraction=0.5)
+    for block in full:
+        if block.startswith(("encoder.block.", "decoder.block.")):  # all sparse in this config
+            assert full[block] / 2 < half[block] < full[block]
+        else:
+            assert half[block] == full[block]
+    with pytest.raises(PlacementError, match="expert_fraction"):
+        block_memory(config, sizes, torch.bfloat16, expert_fraction=0)
+
+
 def test_plan_reports_what_does_not_fit(checkpoints):
     path, cfg = checkpoints["c2048"]
     total = plan(path, ["cpu=1GiB"])["total_bytes"]
