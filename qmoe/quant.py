@@ -39,7 +39,10 @@ Ternary grid choice (``ternary_grid``):
   The optimum places far more weights on ``a`` and ``b`` than min/max does (a Gaussian row ends up
   roughly 45% zeros instead of ~90%), which lowers the error a lot but also makes a
   sparsity-exploiting code (the QMoE dictionary) longer per weight; compare both on bits and on
-  loss before choosing.
+  loss before choosing. ``min_zero_fraction`` restricts the optimum to levels that keep at least
+  that fraction of each row at zero (``|a|, b >= 2 q`` for the row's quantile ``q`` of ``|w|``);
+  the error is still minimised exactly under that constraint, since the only extra candidate is
+  the bound itself.
 """
 
 from __future__ import annotations
