@@ -115,7 +115,7 @@ class CompressedExperts(nn.Module):
             raise CompressedModelError(f"{where}: wi is {wi.kind}/{wi.bits} bits but wo is {wo.kind}/{wo.bits} bits")
         if wi.num_experts != wo.num_experts or (wi.rows, wi.cols) != (wo.cols, wo.rows):
             raise CompressedModelError(f"{where}: wi [{wi.num_experts} x {wi.rows} x {wi.cols}] and wo "
-                                f"[{wo.num_experts} x {wo.rows} x {wo.cols}] do not form an FFN")
+                                       f"[{wo.num_experts} x {wo.rows} x {wo.cols}] do not form an FFN")
         self.where = where
         self.kind, self.bits = wi.kind, wi.bits
         self.num_experts = wi.num_experts
