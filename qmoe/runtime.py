@@ -334,11 +334,11 @@ def _experts_for(mlp_name: str, mats: Mapping[str, PackedExperts], config: Switc
     for m, packed in mats.items():
         if packed.num_experts != config.num_experts or (packed.rows, packed.cols) != want[m]:
             raise CompressedModelError(f"{mlp_name}.experts.{m}: {packed.num_experts} experts of "
-                                f"{packed.rows}x{packed.cols}, config says {config.num_experts} of "
-                                f"{want[m][0]}x{want[m][1]}")
+                                       f"{packed.rows}x{packed.cols}, config says {config.num_experts} of "
+                                       f"{want[m][0]}x{want[m][1]}")
     if ideal_dense:
-        return IdealDenseExperts(mats["wi"].dequantize(0).to(device, dtype), mats["wo"].dequantize(0).to(device, dtype),
-                                 config.dense_act_fn)
+        wi, wo = (mats[m].dequantize(0).to(device, dtype) for m in ("wi", "wo"))  # expert 0, float32 decode
+        return IdealDenseExperts(wi, wo, config.dense_act_fn)
     expert_range = None if expert_shard is None else shard_range(config.num_experts, *expert_shard)
     wi, wo = mats["wi"].to(device), mats["wo"].to(device)
     return CompressedExperts(wi, wo, config.dense_act_fn, dictionary_tensors=dictionary_tensors,
@@ -403,7 +403,7 @@ def load_compressed(source: str | os.PathLike, devices: Sequence[str] | str | No
         block_mlps = {n for n in sparse if n.startswith(block + ".")}
         if set(weights.experts) != block_mlps:
             raise CompressedModelError(f"{source}: block {block} stores experts for {sorted(weights.experts)}, "
-                                f"the config has sparse layers {sorted(block_mlps)}")
+                                       f"the config has sparse layers {sorted(block_mlps)}")
         for mlp_name, mats in weights.experts.items():
             dictionary_tensors = None
             if any(p.kind == "ternary" for p in mats.values()) and not ideal_dense:
