@@ -37,6 +37,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
     p.add_argument("--grid", dest="ternary_grid", default="optimized", choices=["optimized", "minmax"],
                    help="ternary grid: optimized per-row (a, b) or QMoE's row min/max")
+    p.add_argument("--min-zero-fraction", type=float, default=0.85,
+                   help="optimized grid: keep at least this fraction of each row at zero (bits vs error)")
     p.add_argument("--codec", dest="codec_mode", default="tunstall", choices=["tunstall", "qmoe"],
                    help="ternary codec dictionary: ours (tunstall) or QMoE's pair dictionary")
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
@@ -81,7 +83,8 @@ def cmd_compress(args) -> int:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     settings = CompressSettings(
-        bits=args.bits, method=args.method, ternary_grid=args.ternary_grid, samples=args.samples,
+        bits=args.bits, method=args.method, ternary_grid=args.ternary_grid,
+        min_zero_fraction=args.min_zero_fraction, samples=args.samples,
         val_samples=args.val_samples, seed=args.seed, data=args.data, sample_length=args.sample_length,
         expert_group=args.expert_group, quant_group_size=args.quant_group_size, damp=args.damp,
         act_order=args.act_order, codec_mode=args.codec_mode, mask_sentinels=args.mask_sentinels,

@@ -62,6 +62,9 @@ class CompressSettings:
     bits: str = "ternary"  # "ternary" | "2" | "3" | "4"
     method: str = "gptq"  # "gptq" | "rtn"
     ternary_grid: str = "optimized"  # "optimized" | "minmax" (QMoE)
+    # Optimized grid only: levels keep at least this fraction of each row at zero under rounding.
+    # The codec pays per nonzero, so the unconstrained error optimum (~50% zeros) costs ~2x the bits.
+    min_zero_fraction: float = 0.85
     samples: int = 128
     val_samples: int = 32
     seed: int = 0
@@ -92,6 +95,8 @@ class CompressSettings:
             raise CompressError(f"--grid must be optimized or minmax, not {self.ternary_grid!r}")
         if self.codec_mode not in ("tunstall", "qmoe"):
             raise CompressError(f"--codec must be tunstall or qmoe, not {self.codec_mode!r}")
+        if not 0.0 <= self.min_zero_fraction < 1.0:
+            raise CompressError(f"--min-zero-fraction must be in [0, 1), not {self.min_zero_fraction}")
         if self.samples < 1 or self.val_samples < 0:
             raise CompressError("--samples must be >= 1 and --val-samples >= 0")
         if self.bits == "ternary" and self.quant_group_size is not None:
@@ -684,15 +689,22 @@ class Compressor:
         if s.method == "gptq":
             res = gptq_quantize(w, H, bits=s.quant_bits, ternary_grid=s.ternary_grid, damp=s.damp,
                                 block_size=s.gptq_block_size, act_order=s.act_order,
-                                group_size=s.quant_group_size, names=names)
+                                group_size=s.quant_group_size, names=names,
+                                min_zero_fraction=self._zero_floor)
             grid, codes, loss, fallback = res.grid, res.codes, res.loss, res.fallback
         else:
-            grid = make_grid(w, bits=s.quant_bits, ternary_grid=s.ternary_grid, group_size=s.quant_group_size)
+            grid = make_grid(w, bits=s.quant_bits, ternary_grid=s.ternary_grid, group_size=s.quant_group_size,
+                             min_zero_fraction=self._zero_floor)
             codes = grid.codes(w)
             loss = torch.zeros(w.shape[0])
             fallback = torch.zeros(w.shape[0], dtype=torch.bool)
         stored = _stored_grid(grid)
         return codes, stored, stored.dequantize(codes), loss, fallback
+
+    @property
+    def _zero_floor(self) -> float:
+        s = self.settings
+        return s.min_zero_fraction if s.bits == "ternary" and s.ternary_grid == "optimized" else 0.0
 
     def _expert_group(self, mlp, experts, tensors, routes, order, masks, outputs):
         s = self.settings
@@ -815,6 +827,7 @@ class Compressor:
             "quant_method": "qmoe", "format_version": storage.FORMAT_VERSION,
             "bits": s.bits, "method": s.method,
             "grid": s.ternary_grid if s.bits == "ternary" else "asymmetric",
+            "min_zero_fraction": self._zero_floor,
             "group_size": s.quant_group_size,
             "codec": None if self.dictionary is None else {"mode": self.dictionary.mode, "version": 1},
             "calibration": {"samples": s.samples, "validation_samples": s.val_samples, "seed": s.seed,
