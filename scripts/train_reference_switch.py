@@ -376,7 +376,7 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=4, help="blocks per stack; every second one is sparse")
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--steps", type=int, default=350)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
