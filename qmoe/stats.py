@@ -1,12 +1,14 @@
 """``qmoe stats``: where the bits of a compressed checkpoint go, measured from its files."""
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Dict
 
 import numpy as np
 
-from .storage import DICTIONARY_FILE, DICTIONARY_REF, block_file, open_compressed
+from .storage import DICTIONARY_FILE, DICTIONARY_REF, REPORT, block_file, open_compressed
 
 _COMPONENTS = {"codewords": "codewords", "row_offsets": "offsets", "expert_offsets": "offsets",
                "scales": "scales", "row_class": "row_class", "qweight": "codes", "scale": "scales",
@@ -29,6 +31,14 @@ def model_parameters(config) -> Dict[str, int]:
 
 def _entropy(p0: float, pos: float, neg: float) -> float:
     return float(-sum(p * math.log2(p) for p in (p0, pos, neg) if p > 0))
+
+
+def _compression_report(source: str) -> dict:
+    path = os.path.join(source, REPORT)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def checkpoint_stats(source: str, decode: bool = True) -> dict:
@@ -71,7 +81,11 @@ def checkpoint_stats(source: str, decode: bool = True) -> dict:
                 layers.append(entry)
     expert_bytes = sum(components.values())
     experts = params["experts"]
+    report = _compression_report(source)
     return {
+        # Validation loss measured by the compression run (the report sidecar); None if absent.
+        "loss": report.get("loss_after"),
+        "loss_before": report.get("loss_before"),
         "checkpoint": source,
         "quantization_config": ckpt.quantization_config,
         "parameters": params["total"],
@@ -88,7 +102,8 @@ def checkpoint_stats(source: str, decode: bool = True) -> dict:
 
 
 def format_stats(s: dict) -> str:
-    lines = [f"{s['checkpoint']}: {s['parameters']:,} parameters in {s['bytes'] / 2**20:.2f} MiB",
+    loss = "" if s["loss"] is None else f"; validation loss {s['loss_before']:.4f} -> {s['loss']:.4f}"
+    lines = [f"{s['checkpoint']}: {s['parameters']:,} parameters in {s['bytes'] / 2**20:.2f} MiB{loss}",
              f"  bits/parameter: whole model {s['bits_per_param']:.4f}, experts "
              + ("n/a" if s["expert_bits_per_param"] is None else f"{s['expert_bits_per_param']:.4f}")]
     if s["expert_bits_by_component"]:

@@ -102,6 +102,26 @@ def test_checkpoint_format_and_losses(reference_run, tiny_checkpoint):
     assert 0 < report["expert_bits_per_param"] < 16
 
 
+def test_stats_and_eval_json(reference_run):
+    from qmoe.stats import checkpoint_stats
+
+    out, report = reference_run
+    stats = checkpoint_stats(out)
+    assert stats["loss"] == report["loss_after"] and stats["loss_before"] == report["loss_before"]
+    # Bits by component add up to the experts' bits, and match the bytes on disk.
+    assert sum(stats["expert_bits_by_component"].values()) == pytest.approx(stats["expert_bits_per_param"])
+    assert stats["expert_bits_per_param"] == pytest.approx(report["expert_bits_per_param"])
+    blocks = os.path.join(out, "blocks")
+    on_disk = sum(os.path.getsize(os.path.join(blocks, f)) for f in os.listdir(blocks))
+    assert stats["bits_per_param"] == pytest.approx(8.0 * on_disk / stats["parameters"])
+    for layer in stats["layers"]:
+        assert 0.0 <= layer["sparsity"] <= 1.0 and 0.0 <= layer["entropy_bits"] <= np.log2(3)
+    for cmd in (["stats", out, "--json"], ["eval", out, "--json", "--samples", "2", "--sample-length", "128"]):
+        printed = json.loads(run_cli(cmd).stdout)
+        assert {"loss", "bits_per_param"} <= set(printed)
+        assert printed["bits_per_param"] == pytest.approx(stats["bits_per_param"])
+
+
 def test_rerun_is_byte_identical_and_spilling_changes_nothing(reference_run, tiny_checkpoint, tmp_path):
     out, _ = reference_run
     spilled = str(tmp_path / "spilled")
