@@ -42,7 +42,7 @@ from .checkpoint import CheckpointReader
 from .config import SwitchConfig
 from .data import Sample, load_tokenizer, make_samples
 from .gptq import gptq_quantize
-from .model import build_skeleton, materialize
+from .model import ACTIVATIONS, build_skeleton, materialize
 from .quant import Grid, make_grid
 from . import storage
 
@@ -318,6 +318,7 @@ class Compressor:
         self._embedding: Optional[torch.Tensor] = None
         self._bias_tables: Dict[str, torch.Tensor] = {}
         self._store_serial = 0
+        self._act = ACTIVATIONS[self.config.dense_act_fn]
 
     # -- setup helpers ----------------------------------------------------------------------
     def _fingerprint(self, calib, val) -> dict:
@@ -486,6 +487,7 @@ class Compressor:
                 self.budget.release(st.hidden)
             st.hidden = store
 
+    @torch.no_grad()
     def _final_norm(self, name: str, tensors: Dict[str, torch.Tensor]) -> None:
         stack = name.split(".")[0]
         norm = self.skeleton.get_submodule(name)
@@ -502,6 +504,7 @@ class Compressor:
             self.budget.release(st.hidden)
             st.hidden = out
 
+    @torch.no_grad()
     def _validation_losses(self, lm_head: Optional[torch.Tensor]) -> Optional[dict]:
         weight_ref = self._embedding if lm_head is None else lm_head.to(self.compute_dtype)
         losses = {}
@@ -723,7 +726,7 @@ class Compressor:
             H_out = None
             if s.method == "gptq":
                 H_out = self._hessian(x, local, keep, G, w_out.shape[2],
-                                      fn=lambda j, xe: torch.relu(xe @ q_in[j].T))
+                                      fn=lambda j, xe: self._act(xe @ q_in[j].T))
             c_out, g_out, q_out, loss_out, fb_out = self._quantize(w_out, H_out, [n + ".wo" for n in names])
             del H_out, w_out
             outs = {}
@@ -743,7 +746,7 @@ class Compressor:
                     lo, hi = int(s_local[j]), int(s_local[j + 1])
                     if hi > lo:
                         xe = s_x[lo:hi].to(self.device)
-                        ye = torch.relu(xe @ wi[j].T) @ wo[j].T
+                        ye = self._act(xe @ wi[j].T) @ wo[j].T
                         y[lo:hi] = (ye * s_prob[lo:hi, None].to(self.device)).cpu()
                 outs[st.name] = resid + y
         for m, c, g, l in (("wi", c_in, g_in, loss_in), ("wo", c_out, g_out, loss_out)):

@@ -41,7 +41,7 @@ __all__ = [
     "relative_position_bias",
 ]
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -91,7 +91,7 @@ class DenseMLP(nn.Module):
         self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _ACTIVATIONS[self.act_name](self.wi(x))
+        h = ACTIVATIONS[self.act_name](self.wi(x))
         # transformers casts the activation to wo's dtype (matters for mixed-precision checkpoints).
         return self.wo(h.to(self.wo.weight.dtype))
 

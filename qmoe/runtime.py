@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SwitchConfig
-from .model import (_ACTIVATIONS, Seq2SeqOutput, SwitchForConditionalGeneration, build_skeleton,
+from .model import (ACTIVATIONS, Seq2SeqOutput, SwitchForConditionalGeneration, build_skeleton,
                     materialize)
 from .placement import (DEFAULT_HEADROOM, PlacementError, default_dense_dtype, dictionary_memory, format_plan,
                         parse_devices, plan_blocks, validate_device_map)
@@ -120,7 +120,7 @@ class CompressedExperts(nn.Module):
         self.kind, self.bits = wi.kind, wi.bits
         self.num_experts = wi.num_experts
         self.d_model, self.d_ff = wi.cols, wi.rows
-        self.act = _ACTIVATIONS[activation]
+        self.act = ACTIVATIONS[activation]
         self.expert_range = expert_range or (0, self.num_experts)
         self.process_group = process_group
         lo, hi = self.expert_range
@@ -192,7 +192,7 @@ class IdealDenseExperts(nn.Module):
         super().__init__()
         self.register_buffer("wi", wi, persistent=False)
         self.register_buffer("wo", wo, persistent=False)
-        self.act = _ACTIVATIONS[activation]
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x_sorted: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(F.linear(x_sorted, self.wi)), self.wo)
