@@ -274,6 +274,22 @@ class CheckpointReader:
                 self.on_shard_done(self.resolve_file(file))
         return {name: out[name] for name in shapes}
 
+    def mark_consumed(self, block: str) -> None:
+        """Records ``block`` as read without reading it (a resumed run skips finished blocks), so
+        ``on_shard_done`` fires for shards once their remaining blocks are read."""
+        for file in self.files_for_block(block):
+            pending = self._pending[file]
+            pending.discard(block)
+            if not pending and self.on_shard_done is not None and (self.is_local or self._cached(file)):
+                self.on_shard_done(self.resolve_file(file))
+
+    def _cached(self, file: str) -> bool:
+        """Whether a Hub file is already in the local cache (so reporting it done downloads nothing)."""
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(self.source, file, cache_dir=self.cache_dir,
+                                                 revision=self.revision), str)
+
     def iter_blocks(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
                     ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """Yields ``(block_name, tensors)`` for every block in execution order. Drop each block's

@@ -285,7 +285,6 @@ class Compressor:
         self.device = torch.device(s.device)
         self.compute_dtype = torch.float32
         self.timings: Dict[str, float] = {}
-        self._downloaded: Dict[str, int] = {}
 
         if self.dist.rank == 0:
             if overwrite:
@@ -331,7 +330,7 @@ class Compressor:
         if index_path:
             src["index_sha256"] = storage.sha256_file(index_path)
         return {"pipeline_version": PIPELINE_VERSION, "source": src, "settings": self.settings.fingerprint(),
-                "data_sha256": h.hexdigest(), "world_size_independent": True}
+                "data_sha256": h.hexdigest()}
 
     def _dictionary(self):
         from . import codec
@@ -411,6 +410,8 @@ class Compressor:
                                     "rerun with --overwrite")
         if done:
             self.log(f"resuming after block {done[-1]} ({len(done)}/{len(blocks)} blocks done)")
+            for name in done:  # their shards are no longer needed for them (--max-disk)
+                self.reader.mark_consumed(name)
             self._restore_states()
         self._prepare_shared_tensors(done)
 
@@ -613,7 +614,7 @@ class Compressor:
         s = self.settings
         E = self.config.num_experts
         calib = self.streams[0]
-        masks = {st.name: _hessian_mask(st, decoder, self.tokenizer, s.mask_sentinels) for st in self.streams}
+        masks = {calib.name: _hessian_mask(calib, decoder, self.tokenizer, s.mask_sentinels)}
         order = {}  # stream -> (token ids sorted by expert, expert offsets [E+1])
         for st in self.streams:
             e_idx = routes[st.name][1]

@@ -98,6 +98,21 @@ def test_on_shard_done_fires_once_per_shard_after_its_last_block(tiny_checkpoint
     assert reader.shard_consumers() == {}
 
 
+def test_mark_consumed_counts_skipped_blocks_as_read(tiny_checkpoint):
+    """A resumed compression skips finished blocks; their shards must still be released."""
+    done = []
+    reader = CheckpointReader(tiny_checkpoint, on_shard_done=done.append)
+    consumers = reader.shard_consumers()
+    blocks = reader.block_names()
+    half = blocks[: len(blocks) // 2]
+    for block in half:
+        reader.mark_consumed(block)
+    assert {os.path.basename(p) for p in done} == {f for f, b in consumers.items() if b <= set(half)}
+    for block in blocks[len(half):]:
+        reader.read_block(block)
+    assert len(done) == len(consumers) and reader.shard_consumers() == {}
+
+
 def _fake_hub_cache(cache_dir, repo_id, files_from):
     """Lays out a huggingface_hub cache snapshot of ``files_from`` for ``repo_id``."""
     commit = "0123456789abcdef0123456789abcdef01234567"
