@@ -15,12 +15,21 @@ Everything comes from text present on any machine with Python (plus files given 
    load-balancing loss and router z-loss, AdamW with warmup and linear decay, float32 on CPU.
    Deterministic for ``--seed`` at a fixed ``--threads``.
 4. **Output** (``--out``): ``config.json`` + ``model.safetensors`` (bfloat16, transformers names),
-   the tokenizer files, ``training.json`` (loss curve, measured figures) and ``README.md``.
+   the tokenizer files and ``training.json`` (settings, loss curve, measured figures; the folder's
+   ``README.md`` is written by hand from it). Before saving, :func:`expert_sensitivity` measures
+   how much of the model the experts carry (validation loss with every expert matrix zeroed, and
+   after min/max ternary round-to-nearest of every expert matrix).
 
-Usage (the bundled model)::
+The defaults are the settings of the bundled model (every block sparse, 4 experts, 900 steps, no
+router z-loss, routers initialized at 2x the fan-in scale). It was trained
+with the bundled corpus and tokenizer kept byte-identical::
 
     python scripts/train_reference_switch.py --out qmoe/assets/switch-mini-8 \\
-        --text-out qmoe/assets/text/python-docs.jsonl.gz --seed 0 --threads 1
+        --text-out qmoe/assets/text/python-docs.jsonl.gz --reuse-text \\
+        --tokenizer-from qmoe/assets/switch-mini-8 --seed 0 --threads 1
+
+(without ``--reuse-text`` / ``--tokenizer-from`` the corpus and tokenizer are rebuilt from this
+machine's Python first).
 """
 from __future__ import annotations
 
@@ -131,6 +140,20 @@ def write_corpus(path: Path, extra: list[str]) -> dict:
     }
 
 
+def corpus_stats(path: Path) -> dict:
+    """The figures :func:`write_corpus` reports, for an existing corpus file."""
+    texts = [json.loads(line)["text"] for line in gzip.open(path, "rt", encoding="utf-8") if line.strip()]
+    splits = [data._split_of(t) for t in texts]
+    return {
+        "documents": len(texts),
+        "characters": sum(len(t) for t in texts),
+        "validation_documents": splits.count("validation"),
+        "validation_characters": sum(len(t) for t, s in zip(texts, splits) if s == "validation"),
+        "python": sys.version.split()[0],
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+
+
 # --------------------------------------------------------------------------------------- tokenizer
 
 
@@ -162,10 +185,11 @@ def train_tokenizer(text_path: Path, out: Path, pieces: int, extra_ids: int) -> 
 # ------------------------------------------------------------------------------------------- model
 
 
-def init_weights(model: SwitchForConditionalGeneration, config: SwitchConfig, generator: torch.Generator):
+def init_weights(model: SwitchForConditionalGeneration, config: SwitchConfig, generator: torch.Generator,
+                 router_scale: float = 1.0):
     """T5/Mesh-TensorFlow initialization: every matrix ~ N(0, 1/fan_in), except that attention has no
-    1/sqrt(d_kv) score scaling, so queries take the extra factor; routers start 10x smaller, as
-    the Switch paper recommends for stable routing."""
+    1/sqrt(d_kv) score scaling, so queries take the extra factor; routers ~ N(0, router_scale^2 /
+    fan_in) (the Switch paper starts them at 0.1 for stability; at this size 2.0 gives sharper routers)."""
     d, inner = config.d_model, config.num_heads * config.d_kv
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 2)[-2]
@@ -187,7 +211,7 @@ def init_weights(model: SwitchForConditionalGeneration, config: SwitchConfig, ge
         elif leaf == "wo":
             std = config.d_ff ** -0.5
         elif leaf == "classifier":
-            std = 0.1 * d ** -0.5
+            std = router_scale * d ** -0.5
         else:
             raise ValueError(f"init_weights: no initialization rule for parameter {name}")
         with torch.no_grad():
@@ -249,6 +273,54 @@ def evaluate(model, samples, batch_size: int, pad_id: int, dtype: torch.dtype = 
     return total / tokens, counts
 
 
+@torch.no_grad()
+def expert_sensitivity(model, samples, batch_size: int, pad_id: int) -> dict:
+    """Validation loss (float32) of ``model`` as is, with every expert matrix set to zero, and with
+    round-to-nearest min/max ternary (QMoE's grid, one per row) on every expert matrix.
+
+    The weights are restored afterwards. Measures how much of the model the experts carry."""
+    from qmoe.quant import make_grid, quantize_rtn
+
+    model = model.float()
+    mats = [m.weight for _, mlp in model.sparse_mlps() for m in mlp.modules()
+            if isinstance(m, torch.nn.Linear) and m is not mlp.router.classifier]
+    saved = [w.detach().clone() for w in mats]
+    base = evaluate(model, samples, batch_size, pad_id)[0]
+    for w in mats:
+        w.zero_()
+    zero = evaluate(model, samples, batch_size, pad_id)[0]
+    for w, s in zip(mats, saved):
+        w.copy_(quantize_rtn(s[None], make_grid(s[None], "ternary", ternary_grid="minmax"))[0])
+    rtn = evaluate(model, samples, batch_size, pad_id)[0]
+    for w, s in zip(mats, saved):
+        w.copy_(s)
+    return {"expert_matrices": len(mats), "loss": round(base, 4), "experts_zero_loss": round(zero, 4),
+            "experts_zero_delta": round(zero - base, 4), "rtn_minmax_ternary_loss": round(rtn, 4),
+            "rtn_minmax_ternary_delta": round(rtn - base, 4)}
+
+
+def router_sharpness(model, samples, batch_size: int, pad_id: int) -> dict:
+    """Mean top-1 router probability per sparse layer over ``samples`` (float32)."""
+    model = model.float().eval()
+    sums: dict = {}
+
+    def hook(name):
+        def record(module, args, output):
+            p = F.softmax(output.float(), dim=-1).max(dim=-1).values
+            s, n = sums.get(name, (0.0, 0))
+            sums[name] = (s + float(p.sum()), n + p.numel())
+        return record
+
+    hooks = [mlp.router.register_forward_hook(hook(name)) for name, mlp in model.sparse_mlps()]
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            model(**data.collate(samples[i:i + batch_size], pad_id))
+    for h in hooks:
+        h.remove()
+    model.train()
+    return {name: round(s / n, 4) for name, (s, n) in sums.items()}
+
+
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny Adam moments of rarely routed experts must not hit slow paths
@@ -257,21 +329,33 @@ def train(args) -> None:
     text_path = Path(args.text_out)
     t_start = time.time()
 
-    corpus = write_corpus(text_path, args.text)
+    if args.reuse_text:
+        corpus = corpus_stats(text_path)
+    else:
+        corpus = write_corpus(text_path, args.text)
     print(f"corpus: {corpus['documents']} documents, {corpus['characters']} characters -> {text_path}", flush=True)
-    tok = train_tokenizer(text_path, out, args.pieces, args.extra_ids)
+    if args.tokenizer_from:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
+            src = Path(args.tokenizer_from) / name
+            if src.resolve() != (out / name).resolve():
+                (out / name).write_bytes(src.read_bytes())
+        tok = data.load_tokenizer(out)
+    else:
+        tok = train_tokenizer(text_path, out, args.pieces, args.extra_ids)
     print(f"tokenizer: {tok.vocab_size} ids ({tok.piece_count} pieces + {tok.extra_ids} sentinels)", flush=True)
 
     vocab = -(-tok.vocab_size // 128) * 128  # padded like T5's 32100 -> 32128
     config = SwitchConfig(
         vocab_size=vocab, d_model=args.d_model, d_kv=args.d_model // args.heads, d_ff=args.d_ff,
         num_heads=args.heads, num_layers=args.layers, num_decoder_layers=args.layers,
-        num_experts=args.experts, expert_capacity=4096, encoder_sparse_step=2, decoder_sparse_step=2,
+        num_experts=args.experts, expert_capacity=4096, encoder_sparse_step=args.sparse_step,
+        decoder_sparse_step=args.sparse_step, is_full_sparse=args.sparse_step == 1,
         tie_word_embeddings=False, torch_dtype="bfloat16", router_jitter_noise=0.0,
         pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, decoder_start_token_id=tok.pad_id)
     torch.manual_seed(args.seed)
     model = SwitchForConditionalGeneration(config)
-    init_weights(model, config, torch.Generator().manual_seed(args.seed))
+    init_weights(model, config, torch.Generator().manual_seed(args.seed), args.router_init_scale)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params} parameters", flush=True)
@@ -325,11 +409,19 @@ def train(args) -> None:
     model = model.to(torch.bfloat16)
     val_bf16, counts_bf16 = evaluate(model, validation, args.batch_size, tok.pad_id, dtype=torch.bfloat16)
     share = (counts_bf16.float() / counts_bf16.sum(dim=1, keepdim=True)).tolist()
+    # Sensitivity of the stored (bf16-rounded) weights, evaluated in float32.
+    model = model.to(torch.bfloat16).float()
+    sensitivity = expert_sensitivity(model, validation, args.batch_size, tok.pad_id)
+    top1 = router_sharpness(model, validation, args.batch_size, tok.pad_id)
+    print(json.dumps({"sensitivity": sensitivity, "router_top1_prob": top1}), flush=True)
+    model = model.to(torch.bfloat16)
 
     save(model, config, out)
     sparse = [name for name, _ in model.sparse_mlps()]
     report = {
         "seed": args.seed, "threads": args.threads, "steps": args.steps, "batch_size": args.batch_size,
+        "layers": args.layers, "sparse_step": args.sparse_step, "experts": args.experts,
+        "router_init_scale": args.router_init_scale,
         "lr": args.lr, "warmup": args.warmup, "weight_decay": args.weight_decay,
         "balance_coef": args.balance_coef, "z_coef": args.z_coef, "parameters": n_params,
         "corpus": corpus, "tokenizer": {"pieces": tok.piece_count, "extra_ids": tok.extra_ids,
@@ -339,6 +431,7 @@ def train(args) -> None:
         "train_loss_fp32_last_windows": round(train_fp32, 4), "validation_loss_fp32": round(val_fp32, 4),
         "validation_loss_bf16": round(val_bf16, 4), "uniform_loss": round(math.log(tok.vocab_size), 4),
         "expert_token_share_bf16": {name: [round(s, 4) for s in row] for name, row in zip(sparse, share)},
+        "expert_sensitivity_fp32": sensitivity, "router_top1_prob_fp32": top1,
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - t_start, 1),
         "torch": torch.__version__, "curve": curve,
     }
@@ -367,6 +460,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="qmoe/assets/switch-mini-8", help="model folder to write")
     p.add_argument("--text-out", default="qmoe/assets/text/python-docs.jsonl.gz", help="corpus file to write")
     p.add_argument("--text", nargs="*", default=[], help="extra .txt/.jsonl/.json.gz files or folders")
+    p.add_argument("--reuse-text", action="store_true",
+                   help="use the existing --text-out corpus as is instead of rebuilding it")
+    p.add_argument("--tokenizer-from", default=None,
+                   help="copy the tokenizer files from this folder instead of training a new tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     p.add_argument("--pieces", type=int, default=2000, help="SentencePiece vocabulary (without sentinels)")
@@ -374,15 +471,21 @@ def main(argv=None) -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-ff", type=int, default=512)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4, help="blocks per stack; every second one is sparse")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--layers", type=int, default=4, help="blocks per stack")
+    p.add_argument("--sparse-step", type=int, default=1,
+                   help="block i of each stack is sparse when i %% step == 1 or step == 1 (1: every block, "
+                        "as switch-c-2048; 2: every second block, as switch-base)")
+    p.add_argument("--experts", type=int, default=4, help="experts per sparse block")
+    p.add_argument("--router-init-scale", type=float, default=2.0,
+                   help="router init std as a multiple of d_model^-0.5 (Switch paper: 0.1)")
+    p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--balance-coef", type=float, default=0.01, help="Switch load-balancing loss weight")
-    p.add_argument("--z-coef", type=float, default=0.001, help="router z-loss weight")
+    p.add_argument("--z-coef", type=float, default=0.0,
+                   help="router z-loss weight (ST-MoE: 0.001; 0 lets the routers sharpen)")
     p.add_argument("--val-samples", type=int, default=128)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=100)

@@ -4,6 +4,7 @@ It must load through qmoe's own loader in its stored dtype, give the same logits
 ``SwitchTransformersForConditionalGeneration`` (the independent reference), predict held-out text
 far better than chance, and use all of its experts.
 """
+import copy
 import json
 import math
 
@@ -15,6 +16,11 @@ import qmoe
 from qmoe.data import bundled_model_path, collate, load_tokenizer, make_samples
 
 PATH = bundled_model_path()
+CONFIG = json.loads((PATH / "config.json").read_text())
+# Every block of both stacks is a mixture-of-experts block (the switch-c-2048 layout).
+SPARSE_LAYERS = CONFIG["num_sparse_encoder_layers"] + CONFIG["num_sparse_decoder_layers"]
+# Zeroing every expert matrix costs +1.43 nats on the 8-window test batch (+1.32 on 128 windows).
+EXPERTS_ZERO_MIN_DELTA = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def test_files_config_and_sizes(tok):
 def test_loads_with_qmoe_in_stored_dtype():
     model = qmoe.load_switch(PATH)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert len(model.sparse_mlps()) == 4
+    assert len(model.sparse_mlps()) == SPARSE_LAYERS == CONFIG["num_layers"] + CONFIG["num_decoder_layers"]
 
 
 def test_validation_loss_far_below_uniform_and_equal_to_transformers(model, tok, batch, forward):
@@ -108,10 +114,23 @@ def test_validation_loss_far_below_uniform_and_equal_to_transformers(model, tok,
 
 def test_every_expert_receives_validation_tokens(forward):
     _, counts = forward
-    assert len(counts) == 4
+    assert len(counts) == SPARSE_LAYERS
     for name, c in counts.items():
         share = c.float() / c.sum()
         assert share.min() > 0.01, (name, share.tolist())
+
+
+def test_experts_carry_the_model(model, batch, forward):
+    """Every feed-forward layer is a mixture of experts, so removing the experts must hurt a lot:
+    compression accuracy comparisons on this model are only meaningful if the experts matter."""
+    ours, _ = forward
+    stripped = copy.deepcopy(model)
+    with torch.no_grad():
+        for _, mlp in stripped.sparse_mlps():
+            for name, p in mlp.experts.named_parameters():
+                p.zero_()
+        loss = float(stripped(**batch).loss)
+    assert loss - float(ours.loss) > EXPERTS_ZERO_MIN_DELTA, (loss, float(ours.loss))
 
 
 def test_readme_reports_the_measured_losses():
@@ -119,4 +138,8 @@ def test_readme_reports_the_measured_losses():
     readme = (PATH / "README.md").read_text()
     for key in ("validation_loss_bf16", "validation_loss_fp32", "train_loss_fp32_last_windows"):
         assert f"{report[key]:.3f}" in readme, key
+    sensitivity = report["expert_sensitivity_fp32"]
+    for key in ("experts_zero_delta", "rtn_minmax_ternary_delta"):
+        assert f"+{sensitivity[key]:.3f}" in readme, key
+    assert sensitivity["experts_zero_delta"] > 1.0
     assert report["validation_loss_bf16"] < report["uniform_loss"] - 2.5
