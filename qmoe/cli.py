@@ -35,8 +35,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--out", required=True, help="output folder of the compressed checkpoint")
     p.add_argument("--bits", default="ternary", choices=["ternary", "2", "3", "4"])
     p.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
-    p.add_argument("--grid", dest="ternary_grid", default="optimized", choices=["optimized", "minmax"],
-                   help="ternary grid: optimized per-row (a, b) or QMoE's row min/max")
+    p.add_argument("--grid", dest="ternary_grid", default="minmax", choices=["minmax", "optimized"],
+                   help="ternary grid: QMoE's row min/max (default; lowest loss with GPTQ on the bundled "
+                        "model) or the per-row error-optimal (a, b)")
     p.add_argument("--min-zero-fraction", type=float, default=0.85,
                    help="optimized grid: keep at least this fraction of each row at zero (bits vs error)")
     p.add_argument("--codec", dest="codec_mode", default="tunstall", choices=["tunstall", "qmoe"],

@@ -61,9 +61,11 @@ class CompressSettings:
 
     bits: str = "ternary"  # "ternary" | "2" | "3" | "4"
     method: str = "gptq"  # "gptq" | "rtn"
-    ternary_grid: str = "optimized"  # "optimized" | "minmax" (QMoE)
+    # "minmax" (QMoE's rule) | "optimized" (per-row error optimum). On the bundled model GPTQ with
+    # min/max gives the lower loss (benchmarks/RESULTS.md); the optimized grid wins under RTN.
+    ternary_grid: str = "minmax"
     # Optimized grid only: levels keep at least this fraction of each row at zero under rounding.
-    # The codec pays per nonzero, so the unconstrained error optimum (~50% zeros) costs ~2x the bits.
+    # The codec pays per nonzero, so the unconstrained error optimum (~50% zeros) costs ~1.5x the bits.
     min_zero_fraction: float = 0.85
     samples: int = 128
     val_samples: int = 32
