@@ -406,6 +406,8 @@ class Compressor:
         if done != blocks[:len(done)]:
             raise CompressError(f"journal lists blocks {done} that do not match the checkpoint's order")
         for entry in self.journal.done:
+            if entry["file"] is None:
+                continue
             path = os.path.join(self.out_dir, entry["file"])
             if self.dist.rank == 0 and (not os.path.exists(path) or storage.sha256_file(path) != entry["sha256"]):
                 raise CompressError(f"{path}: committed block file is missing or changed since it was written; "
@@ -435,11 +437,6 @@ class Compressor:
 
     def _prepare_shared_tensors(self, done: List[str]) -> None:
         """Embeddings and the relative-attention tables are needed again later: keep them at hand."""
-        needed = {"shared"}
-        if "encoder.block.0" in done:
-            needed.add("encoder.block.0")
-        if "decoder.block.0" in done:
-            needed.add("decoder.block.0")
         if "shared" in done:
             self._embedding = self.reader.read_block("shared")["shared.weight"].to(self.compute_dtype).clone()
         for stack in ("encoder", "decoder"):
@@ -461,7 +458,10 @@ class Compressor:
             self._final_norm(name, tensors)
             dense = dict(tensors)
         elif name == "lm_head":
-            self._losses = self._validation_losses(tensors.get("lm_head.weight"))
+            tied = self.config.tie_word_embeddings
+            self._losses = self._validation_losses(None if tied else tensors["lm_head.weight"])
+            if tied:  # the head is the embedding: storing it again would count its bytes twice
+                return {"block": name, "file": None, "sha256": None}
             dense = dict(tensors)
         else:
             stack, _, idx = name.split(".")
@@ -864,7 +864,8 @@ class Compressor:
                                                                                     "peak_rss_bytes",
                                                                                     "peak_gpu_bytes", "out")})
             _fault_point("before-manifest", "all")
-            manifest = storage.write_manifest(self.out_dir, self.reader.block_names())
+            stored = [e["block"] for e in self.journal.done if e["file"] is not None]
+            manifest = storage.write_manifest(self.out_dir, stored)
             total_bytes = sum(f["bytes"] for rel, f in manifest["files"].items() if rel.startswith("blocks/")
                               or rel == storage.DICTIONARY_FILE)
             from .stats import model_parameters
