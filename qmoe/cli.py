@@ -214,7 +214,14 @@ def _add_generate(sub) -> None:
 
     p = sub.add_parser("generate", help="generate text from a compressed checkpoint")
     add_generate_arguments(p)
-    p.set_defaults(func=lambda a: (__import__("qmoe.generation", fromlist=["generate_cli"]).generate_cli(a), 0)[1])
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from .generation import generate_cli
+
+    generate_cli(args)
+    return 0
 
 
 def _add_stats(sub) -> None:
