@@ -765,13 +765,21 @@ class Compressor:
             return res
         G, d, f = len(experts), self.config.d_model, self.config.d_ff
         code_dtype = torch.int8 if self.settings.bits == "ternary" else torch.uint8
-        groups = 1 if self.settings.quant_group_size is None else -(-f // self.settings.quant_group_size)
-        shapes = {"wi": ((G, f, d), (G, f) if groups == 1 else (G, f, -(-d // self.settings.quant_group_size))),
-                  "wo": ((G, d, f), (G, d) if groups == 1 else (G, d, groups))}
+        # Grid parameters are [G, rows] or [G, rows, groups] as make_grid decides; the owner says which.
+        grid_shapes = torch.zeros(2, 4, dtype=torch.int64)  # per matrix: ndim, then the shape
+        if res is not None:
+            for i, m in enumerate(("wi", "wo")):
+                shape = res[m]["p"].shape
+                grid_shapes[i, 0] = len(shape)
+                grid_shapes[i, 1:1 + len(shape)] = torch.tensor(shape)
+        grid_shapes = self.dist.broadcast([grid_shapes], owner)[0]
         if res is None:
-            res = {m: {"codes": torch.empty(shapes[m][0], dtype=code_dtype),
-                       "p": torch.empty(shapes[m][1]), "q": torch.empty(shapes[m][1]), "loss": torch.empty(G)}
-                   for m in ("wi", "wo")}
+            code_shapes = {"wi": (G, f, d), "wo": (G, d, f)}
+            res = {}
+            for i, m in enumerate(("wi", "wo")):
+                grid_shape = tuple(grid_shapes[i, 1:1 + int(grid_shapes[i, 0])].tolist())
+                res[m] = {"codes": torch.empty(code_shapes[m], dtype=code_dtype), "p": torch.empty(grid_shape),
+                          "q": torch.empty(grid_shape), "loss": torch.empty(G)}
             res["fallback"] = torch.empty(G, dtype=torch.bool)
             res["out"] = {}
             for st in self.streams:
