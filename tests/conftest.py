@@ -72,3 +72,12 @@ def c2048_checkpoint(tmp_path_factory, c2048_reference) -> str:
 def checkpoint_layout(request):
     """(fmt, shards) for each layout: single file and sharded, safetensors and .bin."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread avoids OpenMP spinning on a shared, oversubscribed machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

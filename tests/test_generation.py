@@ -15,12 +15,7 @@ from qmoe.runtime import load_compressed
 from test_runtime import reference, tiny_inputs, write_compressed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -123,13 +123,7 @@ def tiny_inputs(vocab: int, batch: int = 3, src: int = 11, tgt: int = 7, seed: i
     return ids, mask, dec
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread avoids OpenMP spinning on a shared, oversubscribed CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
