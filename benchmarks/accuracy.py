@@ -1,18 +1,22 @@
 """Validation loss of the bundled reference model after compression, recipe by recipe.
 
-Rows: the original model (bf16 checkpoint), round-to-nearest and GPTQ at ternary (QMoE's min/max
-grid and our optimized grid; QMoE's pair codec and ours), 2-bit and 4-bit, GPTQ at two calibration
-sizes. Every row is a full ``qmoe compress`` run in this process; bits per parameter are measured from
-the written files (experts only, and the whole model), losses on the same held-out validation samples.
+Rows: round-to-nearest and GPTQ at ternary (QMoE's min/max grid and our optimized grid; QMoE's
+pair codec and ours; GPTQ targets without and with compensation), 2-bit and 4-bit, GPTQ at two
+calibration sizes. Every row is a full ``qmoe compress`` run in this process per seed; bits per
+parameter are measured from the written files (experts only, and the whole model), losses on
+held-out validation samples. A seed draws both the calibration and the validation samples, and a
+row reports the mean over seeds: on this small model the loss increase of one draw varies by
+~30% between draws, more than some of the differences between recipes.
 
-    python benchmarks/accuracy.py                 # full table (~10-20 min on 2 CPU cores)
-    python benchmarks/accuracy.py --quick         # fewer rows and samples (~2 min)
+    python benchmarks/accuracy.py                 # full table, 3 seeds (~25 min on 2 CPU cores)
+    python benchmarks/accuracy.py --quick         # fewer rows and samples, one seed (~2 min)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,25 +33,50 @@ def recipes(calibration_sizes, quick: bool):
         ("RTN ternary, min/max grid", dict(bits="ternary", method="rtn", ternary_grid="minmax"), small),
         ("RTN ternary, optimized grid", dict(bits="ternary", method="rtn", ternary_grid="optimized"), small),
     ]
+    gptq = dict(bits="ternary", method="gptq", ternary_grid="minmax")
     for n in ((small,) if quick else (small, large)):
         rows += [
-            (f"GPTQ ternary, min/max grid, QMoE codec (QMoE recipe), n={n}",
-             dict(bits="ternary", method="gptq", ternary_grid="minmax", codec_mode="qmoe"), n),
-            (f"GPTQ ternary, min/max grid, our codec, n={n}",
-             dict(bits="ternary", method="gptq", ternary_grid="minmax"), n),
-            (f"GPTQ ternary, optimized grid, our codec, n={n}",
-             dict(bits="ternary", method="gptq", ternary_grid="optimized"), n),
-            (f"GPTQ ternary, optimized grid (no sparsity floor), our codec, n={n}",
-             dict(bits="ternary", method="gptq", ternary_grid="optimized", min_zero_fraction=0.0), n),
+            (f"{QMOE_RECIPE}, n={n}", dict(gptq, codec_mode="qmoe", compensate="none"), n),
+            (f"GPTQ ternary, min/max grid, our codec, n={n}", dict(gptq, compensate="none"), n),
+            (f"GPTQ ternary, min/max, our codec, compensate expert, n={n}", dict(gptq, compensate="expert"), n),
+            (f"{OURS}, n={n}", dict(gptq, compensate="model"), n),
         ]
+        if not quick:
+            rows += [(f"GPTQ ternary, optimized grid (floor 0.85), our codec, compensate model, n={n}",
+                      dict(gptq, ternary_grid="optimized", compensate="model"), n)]
     if not quick:
         rows += [
             ("RTN 2-bit", dict(bits="2", method="rtn"), small),
-            (f"GPTQ 2-bit, n={large}", dict(bits="2", method="gptq"), large),
+            (f"GPTQ 2-bit, compensate none, n={large}", dict(bits="2", method="gptq", compensate="none"), large),
+            (f"GPTQ 2-bit, compensate model, n={large}", dict(bits="2", method="gptq", compensate="model"), large),
             ("RTN 4-bit", dict(bits="4", method="rtn"), small),
-            (f"GPTQ 4-bit, n={large}", dict(bits="4", method="gptq"), large),
+            (f"GPTQ 4-bit, compensate model, n={large}", dict(bits="4", method="gptq", compensate="model"), large),
         ]
     return rows
+
+
+QMOE_RECIPE = "GPTQ ternary, min/max grid, QMoE codec (QMoE recipe)"
+OURS = "GPTQ ternary, min/max grid, our codec, compensate model (default)"
+
+
+def _mean_std(values):
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def run_recipe(source, name, kw, n, val_samples, seed, tmp):
+    out = os.path.join(tmp, f"run-{abs(hash((name, seed)))}")
+    t0 = time.time()
+    report = compress(source, out, CompressSettings(samples=n, val_samples=val_samples, seed=seed, **kw),
+                      progress=False, log=lambda *a: None)
+    stats = checkpoint_stats(out, decode=kw["bits"] == "ternary")
+    shutil.rmtree(out)
+    sparsity = [layer["sparsity"] for layer in stats["layers"] if "sparsity" in layer]
+    return {"before": report["loss_before"], "after": report["loss_after"],
+            "delta": report["loss_after"] - report["loss_before"],
+            "expert_bits": stats["expert_bits_per_param"], "model_bits": stats["bits_per_param"],
+            "sparsity": sum(sparsity) / len(sparsity) if sparsity else None, "seconds": time.time() - t0}
 
 
 def main(argv=None):
@@ -55,51 +84,51 @@ def main(argv=None):
     ap.add_argument("--source", default=None, help="checkpoint (default: the bundled reference model)")
     ap.add_argument("--calibration", type=int, nargs=2, default=(32, 128), metavar=("SMALL", "LARGE"))
     ap.add_argument("--val-samples", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="each seed draws other calibration and validation samples; rows report the mean")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.calibration, args.val_samples = (16, 16), 16
+        args.calibration, args.val_samples, args.seeds = (16, 16), 16, args.seeds[:1]
 
     rows = []
-    baseline = None
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, kw, n) in enumerate(recipes(args.calibration, args.quick)):
-            out = os.path.join(tmp, f"run{i}")
-            t0 = time.time()
-            report = compress(args.source, out, CompressSettings(samples=n, val_samples=args.val_samples,
-                                                                 seed=args.seed, **kw),
-                              progress=False, log=lambda *a: None)
-            stats = checkpoint_stats(out, decode=kw["bits"] == "ternary")
-            sparsity = [layer["sparsity"] for layer in stats["layers"] if "sparsity" in layer]
-            if baseline is None:
-                baseline = report["loss_before"]
-                rows.append({"recipe": "original (bf16 checkpoint)", "loss": baseline, "delta": 0.0,
-                             "expert_bits": 16.0, "model_bits": 16.0, "sparsity": None, "seconds": None})
-            rows.append({"recipe": name, "loss": report["loss_after"], "delta": report["loss_after"] - baseline,
-                         "expert_bits": stats["expert_bits_per_param"], "model_bits": stats["bits_per_param"],
-                         "sparsity": sum(sparsity) / len(sparsity) if sparsity else None,
-                         "seconds": time.time() - t0, "settings": kw, "calibration_samples": n})
-            print(f"  done: {name} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
+        for name, kw, n in recipes(args.calibration, args.quick):
+            runs = [run_recipe(args.source, name, kw, n, args.val_samples, seed, tmp) for seed in args.seeds]
+            delta, delta_sd = _mean_std([r["delta"] for r in runs])
+            row = {"recipe": name, "delta": delta, "delta_std": delta_sd,
+                   "loss": _mean_std([r["after"] for r in runs])[0],
+                   "loss_before": _mean_std([r["before"] for r in runs])[0],
+                   "expert_bits": _mean_std([r["expert_bits"] for r in runs])[0],
+                   "model_bits": _mean_std([r["model_bits"] for r in runs])[0],
+                   "sparsity": None if runs[0]["sparsity"] is None else _mean_std([r["sparsity"] for r in runs])[0],
+                   "settings": kw, "calibration_samples": n, "runs": runs}
+            rows.append(row)
+            print(f"  done: {name} ({sum(r['seconds'] for r in runs):.0f} s)", file=sys.stderr)
 
-    header = f"{'recipe':62s} {'loss':>7s} {'Δloss':>7s} {'bits/expert w':>13s} {'bits/param':>10s} {'zeros':>6s}"
+    print(f"seeds {args.seeds}, {args.val_samples} validation samples per seed; loss and Δloss are means "
+          f"(± sample std of Δloss over seeds)")
+    header = (f"{'recipe':72s} {'loss':>7s} {'Δloss':>16s} {'bits/expert w':>13s} {'bits/param':>10s} "
+              f"{'zeros':>6s}")
     print(header)
     print("-" * len(header))
+    print(f"{'original (bf16 checkpoint)':72s} {rows[0]['loss_before']:7.4f} {'':>16s} {16:13.4f} {16:10.4f}")
     for r in rows:
         sp = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
-        print(f"{r['recipe']:62s} {r['loss']:7.4f} {r['delta']:+7.4f} {r['expert_bits']:13.4f} "
-              f"{r['model_bits']:10.4f} {sp:>6s}")
-    qmoe_rows = [r for r in rows if "QMoE recipe" in r["recipe"]]
-    for variant in ("min/max grid, our codec", "optimized grid, our codec"):  # the first is the default
-        ours = [r for r in rows if variant in r["recipe"]]
-        for q, o in zip(qmoe_rows, ours):
-            ratio = o["delta"] / q["delta"] if q["delta"] else float("nan")
-            print(f"GPTQ ternary, {variant} vs QMoE recipe at n={q['calibration_samples']}: loss increase "
-                  f"ratio {ratio:.3f} (target <= 0.5), bits {o['expert_bits']:.4f} vs {q['expert_bits']:.4f}")
+        d = f"{r['delta']:+.4f} ± {r['delta_std']:.4f}"
+        print(f"{r['recipe']:72s} {r['loss']:7.4f} {d:>16s} {r['expert_bits']:13.4f} {r['model_bits']:10.4f} {sp:>6s}")
+    qmoe_rows = [r for r in rows if r["recipe"].startswith(QMOE_RECIPE)]
+    ours = [r for r in rows if r["recipe"].startswith(OURS)]
+    for q, o in zip(qmoe_rows, ours):
+        ratio = o["delta"] / q["delta"] if q["delta"] else float("nan")
+        per_seed = [a["delta"] / b["delta"] for a, b in zip(o["runs"], q["runs"])]
+        print(f"default vs QMoE recipe at n={q['calibration_samples']}: loss increase ratio {ratio:.3f} "
+              f"(per seed {', '.join(f'{x:.2f}' for x in per_seed)}; target <= 0.5), "
+              f"bits {o['expert_bits']:.4f} vs {q['expert_bits']:.4f}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"rows": rows, "val_samples": args.val_samples, "seed": args.seed}, f, indent=2)
+        json.dump({"rows": rows, "val_samples": args.val_samples, "seeds": args.seeds}, f, indent=2)
     print(f"wrote {args.json}")
 
 

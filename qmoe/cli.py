@@ -53,6 +53,10 @@ def _add_compress(sub) -> None:
                    help="columns per quantization group (2/3/4-bit only)")
     p.add_argument("--damp", type=float, default=None, help="GPTQ dampening (default 0.1 ternary, 0.01 else)")
     p.add_argument("--act-order", action="store_true")
+    p.add_argument("--compensate", default="model", choices=["none", "expert", "model"],
+                   help="GPTQ target: each matrix's own output (none, QMoE), the original expert's output "
+                        "(expert: wo absorbs wi's error) or the original model's activations (model: also "
+                        "earlier blocks' error; one more calibration stream)")
     p.add_argument("--no-mask-sentinels", dest="mask_sentinels", action="store_false",
                    help="let sentinel tokens into the Hessians")
     p.add_argument("--max-tokens-per-pass", type=int, default=1 << 16)
@@ -88,7 +92,8 @@ def cmd_compress(args) -> int:
         min_zero_fraction=args.min_zero_fraction, samples=args.samples,
         val_samples=args.val_samples, seed=args.seed, data=args.data, sample_length=args.sample_length,
         expert_group=args.expert_group, quant_group_size=args.quant_group_size, damp=args.damp,
-        act_order=args.act_order, codec_mode=args.codec_mode, mask_sentinels=args.mask_sentinels,
+        act_order=args.act_order, compensate=args.compensate, codec_mode=args.codec_mode,
+        mask_sentinels=args.mask_sentinels,
         max_tokens_per_pass=args.max_tokens_per_pass, batch_size=args.batch_size, device=device,
         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print

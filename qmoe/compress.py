@@ -6,13 +6,16 @@ Data flow per block (encoder blocks first, then decoder blocks)::
          ─► (sparse) RMS-norm, route every token ─► per expert group:
                Hessian of wi from the group's own tokens ─► batched GPTQ(wi) ─► codes
                Hessian of wo from relu(X Wi_q^T)      ─► batched GPTQ(wo) ─► codes
+               (targets: the original model's outputs for the same tokens, see ``compensate``)
                tokens pushed through the *quantized* experts ─► block output
          ─► codec encode ─► block file written atomically ─► journal entry
 
-Three streams of samples flow through the model: the calibration samples (through the quantized
-model, so later blocks calibrate on what the compressed model will see), and the validation
-samples twice, through the original and through the quantized model, which gives the validation
-loss before and after compression in the same single pass over the checkpoint.
+Up to four streams of samples flow through the model: the calibration samples through the quantized
+model (so later blocks calibrate on what the compressed model will see) and, with
+``compensate="model"`` (the default), once more through the original model, whose activations are
+the targets GPTQ aims for (:func:`~qmoe.gptq.compensated_target`); and the validation samples twice,
+through the original and through the quantized model, which gives the validation loss before and
+after compression in the same single pass over the checkpoint.
 
 Memory: activations live in :class:`~qmoe.activations.ActivationStore` buffers on the CPU (spilled to
 disk past ``max_cpu_memory``); only the current block, one batch of samples and one expert group sit
@@ -41,7 +44,7 @@ from .activations import ActivationStore, MemoryBudget
 from .checkpoint import CheckpointReader
 from .config import SwitchConfig
 from .data import Sample, load_tokenizer, make_samples
-from .gptq import gptq_quantize
+from .gptq import compensated_target, gptq_quantize
 from .model import ACTIVATIONS, build_skeleton, materialize
 from .quant import Grid, make_grid
 from . import storage
@@ -77,6 +80,11 @@ class CompressSettings:
     damp: Optional[float] = None
     gptq_block_size: int = 128
     act_order: bool = False
+    # GPTQ's target (see qmoe.gptq.compensated_target): "none" reproduces each matrix's own output on
+    # the inputs it sees (QMoE); "expert" makes wo compensate wi's error (its target is the original
+    # expert's output); "model" also compensates the error of earlier blocks by targeting the
+    # original model's activations, carried by a second calibration stream through the original model.
+    compensate: str = "model"
     codec_mode: str = "tunstall"  # "tunstall" | "qmoe"
     mask_sentinels: bool = True
     max_tokens_per_pass: int = 1 << 16  # token cap per Hessian pass; more tokens take extra passes
@@ -95,6 +103,8 @@ class CompressSettings:
             raise CompressError(f"--method must be gptq or rtn, not {self.method!r}")
         if self.ternary_grid not in ("optimized", "minmax"):
             raise CompressError(f"--grid must be optimized or minmax, not {self.ternary_grid!r}")
+        if self.compensate not in ("none", "expert", "model"):
+            raise CompressError(f"--compensate must be none, expert or model, not {self.compensate!r}")
         if self.codec_mode not in ("tunstall", "qmoe"):
             raise CompressError(f"--codec must be tunstall or qmoe, not {self.codec_mode!r}")
         if not 0.0 <= self.min_zero_fraction < 1.0:
@@ -121,6 +131,10 @@ class CompressSettings:
 # ----------------------------------------------------------------------------------------------
 # Sample streams
 # ----------------------------------------------------------------------------------------------
+
+# The calibration samples through the original model, for GPTQ targets with --compensate model.
+REFERENCE_STREAM = "calibration-original"
+
 
 @dataclass
 class Stream:
@@ -307,6 +321,8 @@ class Compressor:
             if s.val_samples else []
         self.timings["data"] = time.time() - t0
         self.streams = [Stream("calibration", calib, quantized=True, hessian=True)]
+        if s.method == "gptq" and s.compensate == "model":  # the same samples through the original model
+            self.streams += [Stream(REFERENCE_STREAM, calib, quantized=False, hessian=False)]
         if val:
             self.streams += [Stream("validation-original", val, quantized=False, hessian=False),
                              Stream("validation-quantized", val, quantized=True, hessian=False)]
@@ -512,7 +528,7 @@ class Compressor:
         weight_ref = self._embedding if lm_head is None else lm_head.to(self.compute_dtype)
         losses = {}
         for st in self.streams:
-            if st.hessian:
+            if st.name not in ("validation-original", "validation-quantized"):
                 continue
             weight = (_bf16_round(weight_ref) if st.quantized else weight_ref).to(self.device)
             labels = torch.cat([smp.labels for smp in st.samples])
@@ -673,22 +689,26 @@ class Compressor:
         normed, e_idx, prob = routes[st.name]
         return idx, normed.gather(idx), e_idx[idx], prob[idx], offs[experts[0]:experts[-1] + 2] - lo
 
-    def _hessian(self, x: torch.Tensor, local_offs: torch.Tensor, keep: torch.Tensor, G: int,
-                 width: int, fn=None) -> torch.Tensor:
-        """H_e = 2 X_e^T X_e / n_e over each expert's kept tokens, in passes of bounded size."""
-        H = torch.zeros(G, width, width, device=self.device)
+    def _moment(self, local_offs: torch.Tensor, keep: torch.Tensor, G: int, width: int,
+                left, right=None) -> torch.Tensor:
+        """``2 A_e^T B_e / n_e`` over each expert's kept tokens, in passes of bounded size.
+
+        ``left(j, rows)`` gives the ``[len(rows), width]`` float32 features ``A`` of group expert
+        ``j``'s token rows on the compute device, ``right`` the features ``B`` (None: ``B = A``,
+        the Hessian).
+        """
+        M = torch.zeros(G, width, width, device=self.device)
         n = torch.zeros(G)
         cap = self.settings.max_tokens_per_pass
         for j in range(G):
             lo, hi = int(local_offs[j]), int(local_offs[j + 1])
             rows = torch.nonzero(keep[lo:hi]).squeeze(1) + lo
             for c in range(0, len(rows), cap):  # extra passes beyond the token cap
-                xe = x[rows[c:c + cap]].to(self.device, torch.float32)
-                if fn is not None:
-                    xe = fn(j, xe)
-                H[j] += 2.0 * (xe.T @ xe)
+                a = left(j, rows[c:c + cap])
+                b = a if right is None else right(j, rows[c:c + cap])
+                M[j] += 2.0 * (a.T @ b)
             n[j] = len(rows)
-        return H / n.clamp(min=1).to(self.device)[:, None, None]
+        return M / n.clamp(min=1).to(self.device)[:, None, None]
 
     def _quantize(self, w: torch.Tensor, H: Optional[torch.Tensor], names: List[str]):
         s = self.settings
@@ -720,18 +740,33 @@ class Compressor:
         keep = masks[calib.name][idx]
         names = [f"{mlp}.experts.expert_{e}" for e in experts]
         result = {}
+        gptq = s.method == "gptq"
+        compensate = s.compensate if gptq else "none"
         with torch.no_grad():
+            inputs = lambda j, r: x[r].to(self.device, torch.float32)  # noqa: E731
+            # The same tokens' expert inputs in the original model (the streams share their samples).
+            ref_inputs = inputs
+            if compensate == "model":
+                x_ref = routes[REFERENCE_STREAM][0].gather(idx)
+                ref_inputs = lambda j, r: x_ref[r].to(self.device, torch.float32)  # noqa: E731
             w_in = self._expert_weights(mlp, "wi", experts, tensors)  # [G, d_ff, d]
-            H_in = self._hessian(x, local, keep, G, w_in.shape[2]) if s.method == "gptq" else None
-            c_in, g_in, q_in, loss_in, fb_in = self._quantize(w_in, H_in, [n + ".wi" for n in names])
-            del H_in, w_in
+            d, d_ff = w_in.shape[2], w_in.shape[1]
+            H_in = self._moment(local, keep, G, d, inputs) if gptq else None
+            target = w_in
+            if compensate == "model":
+                target = compensated_target(w_in, H_in, self._moment(local, keep, G, d, inputs, ref_inputs))
+            c_in, g_in, q_in, loss_in, fb_in = self._quantize(target, H_in, [n + ".wi" for n in names])
+            del H_in, target
             w_out = self._expert_weights(mlp, "wo", experts, tensors)  # [G, d, d_ff]
-            H_out = None
-            if s.method == "gptq":
-                H_out = self._hessian(x, local, keep, G, w_out.shape[2],
-                                      fn=lambda j, xe: self._act(xe @ q_in[j].T))
-            c_out, g_out, q_out, loss_out, fb_out = self._quantize(w_out, H_out, [n + ".wo" for n in names])
-            del H_out, w_out
+            H_out, target = None, w_out
+            if gptq:
+                hidden = lambda j, r: self._act(inputs(j, r) @ q_in[j].T)  # noqa: E731
+                H_out = self._moment(local, keep, G, d_ff, hidden)
+                if compensate != "none":  # target: the original expert's hidden activations
+                    ref_hidden = lambda j, r: self._act(ref_inputs(j, r) @ w_in[j].T)  # noqa: E731
+                    target = compensated_target(w_out, H_out, self._moment(local, keep, G, d_ff, hidden, ref_hidden))
+            c_out, g_out, q_out, loss_out, fb_out = self._quantize(target, H_out, [n + ".wo" for n in names])
+            del H_out, w_out, w_in, target
             outs = {}
             for st in self.streams:
                 if st is calib:

@@ -45,7 +45,7 @@ import torch
 
 from .quant import Grid, make_grid
 
-__all__ = ["GPTQResult", "gptq_quantize"]
+__all__ = ["GPTQResult", "compensated_target", "gptq_quantize"]
 
 # Inside a lazy-update block, rank-1 updates are confined to sub-blocks of this many columns and
 # the rest of the block is updated per sub-block with one matrix product: the rank-1 updates are
@@ -102,6 +102,52 @@ def _check_finite(t: torch.Tensor, what: str, names: list[str]) -> None:
 def _hessian_loss(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``sum_rows (d H d^T)`` per expert in float64 for ``d [E, rows, cols]``, ``h [E, cols, cols]``."""
     return (torch.bmm(d, h) * d).double().sum(dim=(1, 2))
+
+
+def compensated_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weights that best reproduce a reference output from the inputs the quantized model sees.
+
+    GPTQ makes ``X Q^T`` close to ``X W^T`` for the inputs ``X`` the layer receives. When those
+    inputs already carry quantization error (the hidden activations of an expert whose ``wi`` was
+    quantized, or the activations of a model whose earlier blocks were), the output that matters is
+    the original one, ``X_ref W^T`` for the same tokens. Since
+    ``||X_ref W^T - X Q^T||^2 = ||X_ref W^T - X W*^T||^2 + ||X (W* - Q)^T||^2`` for the least-squares
+    solution ``W* = W C^T H^-1`` (with ``H = 2 X^T X / n`` and ``C = 2 X^T X_ref / n``), GPTQ of
+    ``W*`` under ``H`` minimises the error against the original output: the quantized layer
+    compensates the error upstream of it, not only its own. The solve is regularised towards the
+    original weights, ``W* = W (C^T + lam I) (H + lam I)^-1``, so that directions the calibration
+    inputs barely span keep their original weights, and ``X_ref == X`` gives back ``W`` exactly.
+
+    Args:
+        w: ``[E, rows, cols]`` original weights.
+        H: ``[E, cols, cols]`` ``2 X^T X / n`` of the inputs the quantized model sees.
+        C: ``[E, cols, cols]`` ``2 X^T X_ref / n``, the same tokens' original inputs on the right.
+        damp: ``lam`` as a fraction of the mean of ``H``'s diagonal over live columns. A column
+            with ``H[i, i] == 0`` (an input that was always zero) gets weight 0, as in GPTQ.
+
+    Returns:
+        float32 ``[E, rows, cols]``; an expert without tokens, or whose damped ``H`` is not
+        positive definite, keeps its original weights (GPTQ then falls back for it as usual).
+    """
+    if w.dim() != 3 or H.shape != (w.shape[0], w.shape[2], w.shape[2]) or C.shape != H.shape:
+        raise ValueError(f"need w [E, rows, cols] and H, C [E, cols, cols], got {tuple(w.shape)}, "
+                         f"{tuple(H.shape)}, {tuple(C.shape)}")
+    w = w.float()
+    with _ieee_float32(w.device):
+        Hd = H.to(w.device, torch.float32).clone()
+        diag = torch.diagonal(Hd, dim1=1, dim2=2)  # view
+        dead = diag == 0
+        live = (~dead).sum(dim=1).clamp_min(1)
+        lam = damp * torch.where(dead, torch.zeros_like(diag), diag).sum(dim=1) / live  # [E]
+        diag += lam[:, None]
+        diag.masked_fill_(dead, 1.0)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        wt = w.transpose(1, 2)  # [E, cols, rows]
+        rhs = torch.bmm(C.to(w.device, torch.float32), wt) + lam[:, None, None] * wt  # (C + lam I) W^T
+        rhs.masked_fill_(dead[:, :, None], 0.0)
+        target = torch.cholesky_solve(rhs, L).transpose(1, 2)
+        keep = (info != 0) | dead.all(dim=1) | ~torch.isfinite(target).flatten(1).all(dim=1)
+        return torch.where(keep[:, None, None], w, target).contiguous()
 
 
 def gptq_quantize(

@@ -207,3 +207,38 @@ def test_bad_settings_and_sources_raise_clear_errors(tiny_checkpoint, tmp_path):
         compress(str(tmp_path / "nope"), str(tmp_path / "c"), CompressSettings(**TINY), progress=False)
     proc = run_cli(["compress", str(tmp_path / "nope"), "--out", str(tmp_path / "d")], check=False)
     assert proc.returncode == 2 and "error" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("compensate", ["none", "expert", "model"])
+def test_compensated_targets_use_the_same_tokens_original_activations(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                      compensate):
+    import qmoe.compress as pipeline
+
+    calls = []
+    real = pipeline.compensated_target
+
+    def spy(w, H, C, *args, **kwargs):
+        calls.append((w.shape, H.clone(), C.clone()))
+        return real(w, H, C, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compensated_target", spy)
+    report = compress(tiny_checkpoint, str(tmp_path / compensate), CompressSettings(**TINY, compensate=compensate),
+                      progress=False, log=lambda *a: None)
+    assert np.isfinite(report["loss_after"])
+    groups_per_layer = 2  # the tiny model has 4 experts, TINY solves them 2 at a time
+    wi_calls = [c for c in calls if c[0][1] > c[0][2]]  # wi is [G, d_ff, d_model], d_ff > d_model
+    wo_calls = [c for c in calls if c[0][1] < c[0][2]]
+    layers = 4
+    assert len(wo_calls) == (0 if compensate == "none" else layers * groups_per_layer)
+    assert len(wi_calls) == (layers * groups_per_layer if compensate == "model" else 0)
+    rel = lambda c: float((c[2] - c[1]).norm() / c[1].norm())  # noqa: E731
+    if compensate == "model":
+        # The first sparse layer sees the original model's inputs but for the quantized stream's
+        # bf16-rounded dense weights: C (quantized-stream inputs x original-stream inputs of the same
+        # tokens) is then nearly H. A token misalignment between the streams would make them unrelated.
+        assert rel(wi_calls[0]) < 0.01 and rel(wi_calls[1]) < 0.01
+        # Later layers see the drift of the quantized experts before them.
+        assert max(rel(c) for c in wi_calls[2:]) > 5 * max(rel(wi_calls[0]), rel(wi_calls[1]))
+    if compensate != "none":
+        # wo's inputs are relu(x Wi_q^T): ternary wi moves them far from the original hidden activations.
+        assert min(rel(c) for c in wo_calls) > 0.05

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qmoe.gptq import gptq_quantize
+from qmoe.gptq import compensated_target, gptq_quantize
 from qmoe.quant import make_grid, quantize_rtn
 
 
@@ -207,3 +207,70 @@ def test_cuda_matches_cpu():
     gpu = gptq_quantize(w.cuda(), H.cuda(), act_order=True)
     assert (gpu.qweight.cpu() != cpu.qweight).float().mean() < 0.005
     torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=2e-3, atol=0)
+
+
+# -- compensated targets -------------------------------------------------------------------------
+
+def _drifted(E=3, rows=16, cols=24, tokens=400, noise=0.3, seed=7):
+    """Original inputs X_ref and the same tokens' inputs X after upstream quantization error."""
+    g = torch.Generator().manual_seed(seed)
+    x_ref = torch.randn(E, tokens, cols, generator=g) * (0.3 + torch.rand(E, 1, cols, generator=g))
+    x = x_ref + noise * torch.randn(E, tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5
+    w = torch.randn(E, rows, cols, generator=g)
+    H = 2 * x.transpose(1, 2) @ x / tokens
+    C = 2 * x.transpose(1, 2) @ x_ref / tokens
+    return w, x, x_ref, H, C
+
+
+def test_compensated_target_is_the_least_squares_solution():
+    w, x, x_ref, H, C = _drifted()
+    target = compensated_target(w, H, C, damp=0.0)
+    # Independent reference: solve min ||X T^T - X_ref W^T|| with a QR-based least-squares solver.
+    ref = torch.linalg.lstsq(x.double(), (x_ref @ w.transpose(1, 2)).double()).solution.transpose(1, 2)
+    torch.testing.assert_close(target.double(), ref, rtol=1e-4, atol=1e-4)
+    # With dampening it is the ridge solution pulled towards w: lam ||T - W||^2 added to the objective.
+    lam = 0.05 * torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)
+    a = torch.cat([x.double() * (2 / x.shape[1]) ** 0.5, lam.double().sqrt()[:, None, None] * torch.eye(24)[None]], 1)
+    b = torch.cat([(x_ref @ w.transpose(1, 2)).double() * (2 / x.shape[1]) ** 0.5,
+                   lam.double().sqrt()[:, None, None] * w.transpose(1, 2).double()], 1)
+    ridge = torch.linalg.lstsq(a, b).solution.transpose(1, 2)
+    torch.testing.assert_close(compensated_target(w, H, C, damp=0.05).double(), ridge, rtol=1e-4, atol=1e-4)
+
+
+def test_compensated_target_without_drift_is_the_original():
+    w, x, _, H, _ = _drifted()
+    for damp in (0.0, 0.01, 0.5):
+        torch.testing.assert_close(compensated_target(w, H, H, damp=damp), w, rtol=1e-4, atol=1e-4)
+
+
+def test_compensation_lowers_the_error_against_the_original_output():
+    w, x, x_ref, H, C = _drifted(rows=32, cols=48, tokens=800)
+    y_ref = x_ref @ w.transpose(1, 2)
+    plain = gptq_quantize(w, H, ternary_grid="minmax")
+    comp = gptq_quantize(compensated_target(w, H, C), H, ternary_grid="minmax")
+    err = lambda q: (y_ref - x @ q.transpose(1, 2)).square().sum(dim=(1, 2))  # noqa: E731
+    assert (err(comp.qweight) < 0.9 * err(plain.qweight)).all()
+
+
+def test_compensated_target_dead_columns_and_empty_experts():
+    w, x, x_ref, H, C = _drifted()
+    x[1, :, 5] = 0.0  # expert 1 never sees input feature 5
+    H = 2 * x.transpose(1, 2) @ x / x.shape[1]
+    C = 2 * x.transpose(1, 2) @ x_ref / x.shape[1]
+    H[2], C[2] = 0.0, 0.0  # expert 2 received no tokens
+    target = compensated_target(w, H, C)
+    assert torch.isfinite(target).all()
+    assert (target[1, :, 5] == 0).all()
+    assert torch.equal(target[2], w[2])
+    # An indefinite Hessian cannot be solved: that expert keeps its weights, the others do not.
+    H[0] = -torch.eye(24)
+    target2 = compensated_target(w, H, C)
+    assert torch.equal(target2[0], w[0]) and torch.equal(target2[1], target[1])
+
+
+def test_compensated_target_rejects_bad_shapes():
+    w, _, _, H, C = _drifted()
+    with pytest.raises(ValueError, match="need w"):
+        compensated_target(w, H[:, :-1, :-1], C)
+    with pytest.raises(ValueError, match="need w"):
+        compensated_target(w, H, C[:2])
