@@ -116,7 +116,8 @@ def format_compress_report(r: dict) -> str:
         f"compressed {r['source']} -> {r['out']}",
         f"  bits/parameter   experts {fmt(r.get('expert_bits_per_param'))}   "
         f"whole model {fmt(r.get('model_bits_per_param'))}",
-        f"  validation loss  before {fmt(r.get('loss_before'))}   after {fmt(r.get('loss_after'))}",
+        f"  validation loss  before {fmt(r.get('loss_before'))}   after {fmt(r.get('loss_after'))}   "
+        f"KL(original || compressed) {fmt(r.get('kl'), '.5f')} nats/token",
         f"  time {r['seconds']:.1f} s   peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
         + (f"   peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") else ""),
     ]

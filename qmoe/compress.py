@@ -525,25 +525,30 @@ class Compressor:
 
     @torch.no_grad()
     def _validation_losses(self, lm_head: Optional[torch.Tensor]) -> Optional[dict]:
+        """Mean next-token loss of each validation stream, and the mean per-token KL divergence
+        ``KL(original || quantized)`` of the two streams' predictions under key ``"kl"``: a direct
+        measure of how far compression moved the model, with less sampling noise than the
+        difference of two losses."""
         weight_ref = self._embedding if lm_head is None else lm_head.to(self.compute_dtype)
-        losses = {}
-        for st in self.streams:
-            if st.name not in ("validation-original", "validation-quantized"):
-                continue
-            weight = (_bf16_round(weight_ref) if st.quantized else weight_ref).to(self.device)
-            labels = torch.cat([smp.labels for smp in st.samples])
-            total, count = 0.0, 0
-            chunk = 4096
-            for i in range(0, len(labels), chunk):
-                h = st.hidden.read_rows(i, min(i + chunk, len(labels))).to(self.device)
+        streams = {st.name: st for st in self.streams}
+        if "validation-original" not in streams:
+            return None
+        orig, quant = streams["validation-original"], streams["validation-quantized"]
+        weights = {orig.name: weight_ref.to(self.device), quant.name: _bf16_round(weight_ref).to(self.device)}
+        labels = torch.cat([smp.labels for smp in orig.samples])
+        totals = {orig.name: 0.0, quant.name: 0.0, "kl": 0.0}
+        chunk = 4096
+        for i in range(0, len(labels), chunk):
+            j = min(i + chunk, len(labels))
+            logp = {}
+            for st in (orig, quant):
+                h = st.hidden.read_rows(i, j).to(self.device)
                 if self.config.tie_word_embeddings:
                     h = h * (self.config.d_model ** -0.5)
-                logits = h @ weight.T
-                total += F.cross_entropy(logits.float(), labels[i:i + chunk].to(self.device),
-                                         reduction="sum").item()
-                count += logits.shape[0]
-            losses[st.name] = total / max(count, 1)
-        return losses or None
+                logp[st.name] = F.log_softmax((h @ weights[st.name].T).float(), dim=-1)
+                totals[st.name] += F.nll_loss(logp[st.name], labels[i:j].to(self.device), reduction="sum").item()
+            totals["kl"] += F.kl_div(logp[quant.name], logp[orig.name], log_target=True, reduction="sum").item()
+        return {k: v / max(len(labels), 1) for k, v in totals.items()}
 
     def _block_weights(self, name: str, tensors: Dict[str, torch.Tensor], quantized: bool):
         """The block's dense part materialized for one stream (experts stay on the meta device)."""
@@ -890,6 +895,7 @@ class Compressor:
         settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in s.OUTPUT_NEUTRAL}
         report = {"source": self.source, "out": self.out_dir, "settings": settings,
                   "loss_before": losses.get("validation-original"), "loss_after": losses.get("validation-quantized"),
+                  "kl": losses.get("kl"),
                   "expert_weights": expert_weights,
                   "expert_bits_per_param": 8.0 * expert_bytes / expert_weights if expert_weights else None,
                   "seconds": seconds, "timings": self.timings, "peak_rss_bytes": _rss_bytes(),

@@ -104,6 +104,30 @@ def test_checkpoint_format_and_losses(reference_run, tiny_checkpoint):
     assert 0 < report["expert_bits_per_param"] < 16
 
 
+def test_reported_kl_matches_the_saved_models(reference_run, tiny_checkpoint):
+    import torch.nn.functional as F
+
+    from qmoe.data import collate, load_tokenizer, make_samples
+    from qmoe.generation import _as_placed
+    from qmoe.model import load_switch
+    from qmoe.runtime import load_compressed
+
+    out, report = reference_run
+    dense = load_switch(tiny_checkpoint, dtype=torch.float32)
+    comp = load_compressed(out, devices="cpu", dtype=torch.float32)
+    tok = load_tokenizer(comp.tokenizer_path)
+    smp = make_samples(tok, None, n=TINY["val_samples"], seed=0, split="validation", length=128)
+    batch = collate(smp, tok.pad_id, dense.config.decoder_start_token_id)
+    args = (batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"], batch["decoder_attention_mask"])
+    with torch.no_grad():
+        logp_d = F.log_softmax(_as_placed(dense)(*args).logits.float(), -1)
+        logp_c = F.log_softmax(_as_placed(comp)(*args).logits.float(), -1)
+    keep = batch["labels"] != -100
+    kl = (logp_d.exp() * (logp_d - logp_c)).sum(-1)[keep].mean().item()
+    assert report["kl"] > 0
+    assert report["kl"] == pytest.approx(kl, rel=1e-3)
+
+
 def test_stats_and_eval_json(reference_run):
     from qmoe.stats import checkpoint_stats
 
