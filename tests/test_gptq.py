@@ -228,19 +228,25 @@ def test_compensated_target_is_the_least_squares_solution():
     # Independent reference: solve min ||X T^T - X_ref W^T|| with a QR-based least-squares solver.
     ref = torch.linalg.lstsq(x.double(), (x_ref @ w.transpose(1, 2)).double()).solution.transpose(1, 2)
     torch.testing.assert_close(target.double(), ref, rtol=1e-4, atol=1e-4)
-    # With dampening it is the ridge solution pulled towards w: lam ||T - W||^2 added to the objective.
+    # With dampening it is the ridge solution: lam ||T||^2 added to the objective.
     lam = 0.05 * torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)
     a = torch.cat([x.double() * (2 / x.shape[1]) ** 0.5, lam.double().sqrt()[:, None, None] * torch.eye(24)[None]], 1)
     b = torch.cat([(x_ref @ w.transpose(1, 2)).double() * (2 / x.shape[1]) ** 0.5,
-                   lam.double().sqrt()[:, None, None] * w.transpose(1, 2).double()], 1)
+                   torch.zeros(3, 24, 16, dtype=torch.float64)], 1)
     ridge = torch.linalg.lstsq(a, b).solution.transpose(1, 2)
     torch.testing.assert_close(compensated_target(w, H, C, damp=0.05).double(), ridge, rtol=1e-4, atol=1e-4)
 
 
-def test_compensated_target_without_drift_is_the_original():
+def test_compensated_target_without_drift_is_the_original_shrunk_by_the_dampening():
     w, x, _, H, _ = _drifted()
-    for damp in (0.0, 0.01, 0.5):
-        torch.testing.assert_close(compensated_target(w, H, H, damp=damp), w, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compensated_target(w, H, H, damp=0.0), w, rtol=1e-4, atol=1e-4)
+    # With lam > 0: W H (H + lam I)^-1, each eigendirection of H scaled by s / (s + lam).
+    lam = 0.3 * torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)
+    s, V = torch.linalg.eigh(H.double())
+    shrink = V @ torch.diag_embed(s / (s + lam.double()[:, None])) @ V.transpose(1, 2)
+    torch.testing.assert_close(compensated_target(w, H, H, damp=0.3).double(), w.double() @ shrink,
+                               rtol=1e-4, atol=1e-4)
+    assert (compensated_target(w, H, H, damp=0.3).norm(dim=(1, 2)) < w.norm(dim=(1, 2))).all()
 
 
 def test_compensation_lowers_the_error_against_the_original_output():
