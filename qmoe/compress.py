@@ -51,7 +51,7 @@ from . import storage
 
 WORK_DIR = ".qmoe_work"
 JOURNAL = "journal.json"
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: compensated GPTQ targets (a second calibration stream)
 
 
 class CompressError(RuntimeError):
@@ -756,10 +756,14 @@ class Compressor:
                 ref_inputs = lambda j, r: x_ref[r].to(self.device, torch.float32)  # noqa: E731
             w_in = self._expert_weights(mlp, "wi", experts, tensors)  # [G, d_ff, d]
             d, d_ff = w_in.shape[2], w_in.shape[1]
+            # Experts with fewer calibration tokens than a matrix has columns keep the part of their
+            # weights the calibration never reached (compensated_target's ``anchored``).
+            tokens = torch.stack([keep[int(local[j]):int(local[j + 1])].sum() for j in range(G)])
             H_in = self._moment(local, keep, G, d, inputs) if gptq else None
             target = w_in
             if compensate == "model":
-                target = compensated_target(w_in, H_in, self._moment(local, keep, G, d, inputs, ref_inputs))
+                target = compensated_target(w_in, H_in, self._moment(local, keep, G, d, inputs, ref_inputs),
+                                            anchored=tokens < d)
             c_in, g_in, q_in, loss_in, fb_in = self._quantize(target, H_in, [n + ".wi" for n in names])
             del H_in, target
             w_out = self._expert_weights(mlp, "wo", experts, tensors)  # [G, d, d_ff]
@@ -769,7 +773,8 @@ class Compressor:
                 H_out = self._moment(local, keep, G, d_ff, hidden)
                 if compensate != "none":  # target: the original expert's hidden activations
                     ref_hidden = lambda j, r: self._act(ref_inputs(j, r) @ w_in[j].T)  # noqa: E731
-                    target = compensated_target(w_out, H_out, self._moment(local, keep, G, d_ff, hidden, ref_hidden))
+                    target = compensated_target(w_out, H_out, self._moment(local, keep, G, d_ff, hidden, ref_hidden),
+                                                anchored=tokens < d_ff)
             c_out, g_out, q_out, loss_out, fb_out = self._quantize(target, H_out, [n + ".wo" for n in names])
             del H_out, w_out, w_in, target
             outs = {}
@@ -887,7 +892,7 @@ class Compressor:
             "calibration": {"samples": s.samples, "validation_samples": s.val_samples, "seed": s.seed,
                             "data": s.data or "bundled", "sample_length": s.sample_length,
                             "mask_sentinels": s.mask_sentinels, "damp": s.damp, "expert_group": s.expert_group,
-                            "act_order": s.act_order},
+                            "act_order": s.act_order, "compensate": s.compensate if s.method == "gptq" else None},
             "source": self.source,
         }
         expert_weights = sum(layer["weights"] for layer in self.report_layers)

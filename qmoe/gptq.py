@@ -104,7 +104,8 @@ def _hessian_loss(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (torch.bmm(d, h) * d).double().sum(dim=(1, 2))
 
 
-def compensated_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def compensated_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01,
+                       anchored: torch.Tensor | None = None) -> torch.Tensor:
     """The weights that best reproduce a reference output from the inputs the quantized model sees.
 
     GPTQ makes ``X Q^T`` close to ``X W^T`` for the inputs ``X`` the layer receives. When those
@@ -119,7 +120,10 @@ def compensated_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: 
     shrunk towards zero instead of being fitted to noise (``X_ref == X`` gives ``W H (H + lam I)^-1``,
     ``W`` itself only for ``lam = 0``). Shrinking rather than regularising towards ``W`` also gives
     more zeros to the ternary grid; on the bundled model it measured lower KL to the original model
-    at fewer bits than the ``W``-anchored form (benchmarks/RESULTS.md).
+    at fewer bits than the ``W``-anchored form (benchmarks/RESULTS.md). With fewer tokens than
+    columns, though, ``H`` is singular and shrinking would zero every direction the calibration
+    never reached; such experts should be ``anchored``: ``W* = W (C^T + lam I) (H + lam I)^-1``
+    keeps the unseen part of ``W`` (and gives ``W`` back exactly when ``X_ref == X``).
 
     Args:
         w: ``[E, rows, cols]`` original weights.
@@ -127,6 +131,7 @@ def compensated_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: 
         C: ``[E, cols, cols]`` ``2 X^T X_ref / n``, the same tokens' original inputs on the right.
         damp: ``lam`` as a fraction of the mean of ``H``'s diagonal over live columns. A column
             with ``H[i, i] == 0`` (an input that was always zero) gets weight 0, as in GPTQ.
+        anchored: bool ``[E]`` (None: all False), experts regularised towards ``w`` instead of zero.
 
     Returns:
         float32 ``[E, rows, cols]``; an expert without tokens, or whose damped ``H`` is not
@@ -136,19 +141,24 @@ def compensated_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: 
         raise ValueError(f"need w [E, rows, cols] and H, C [E, cols, cols], got {tuple(w.shape)}, "
                          f"{tuple(H.shape)}, {tuple(C.shape)}")
     w = w.float()
+    out = torch.empty_like(w)
     with _ieee_float32(w.device):
-        Hd = H.to(w.device, torch.float32).clone()
-        diag = torch.diagonal(Hd, dim1=1, dim2=2)  # view
-        dead = diag == 0
-        live = (~dead).sum(dim=1).clamp_min(1)
-        lam = damp * torch.where(dead, torch.zeros_like(diag), diag).sum(dim=1) / live  # [E]
-        diag += lam[:, None]
-        diag.masked_fill_(dead, 1.0)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        rhs = torch.bmm(C.to(w.device, torch.float32), w.transpose(1, 2))  # [E, cols, rows] = C W^T
-        target = torch.cholesky_solve(rhs, L).transpose(1, 2)
-        keep = (info != 0) | dead.all(dim=1) | ~torch.isfinite(target).flatten(1).all(dim=1)
-        return torch.where(keep[:, None, None], w, target).contiguous()
+        for e in range(w.shape[0]):  # one expert at a time: the scratch is two [cols, cols] matrices
+            Hd = H[e].to(w.device, torch.float32, copy=True)
+            diag = torch.diagonal(Hd)  # view
+            dead = diag == 0
+            lam = damp * torch.where(dead, torch.zeros_like(diag), diag).sum() / (~dead).sum().clamp_min(1)
+            diag += lam
+            diag.masked_fill_(dead, 1.0)
+            L, info = torch.linalg.cholesky_ex(Hd)
+            del Hd
+            rhs = C[e].to(w.device, torch.float32) @ w[e].T  # C W^T
+            if anchored is not None and bool(anchored[e]):
+                rhs += lam * w[e].T.masked_fill(dead[:, None], 0.0)
+            target = torch.cholesky_solve(rhs, L).T  # W C^T (H + lam I)^-1, or anchored: W (C^T + lam I) (...)^-1
+            solved = int(info) == 0 and not bool(dead.all()) and bool(torch.isfinite(target).all())
+            out[e] = target if solved else w[e]
+    return out
 
 
 def gptq_quantize(

@@ -230,7 +230,8 @@ def test_compensated_target_is_the_least_squares_solution():
     torch.testing.assert_close(target.double(), ref, rtol=1e-4, atol=1e-4)
     # With dampening it is the ridge solution: lam ||T||^2 added to the objective.
     lam = 0.05 * torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)
-    a = torch.cat([x.double() * (2 / x.shape[1]) ** 0.5, lam.double().sqrt()[:, None, None] * torch.eye(24)[None]], 1)
+    root_lam = lam.double().sqrt()[:, None, None]
+    a = torch.cat([x.double() * (2 / x.shape[1]) ** 0.5, root_lam * torch.eye(24)[None]], 1)
     b = torch.cat([(x_ref @ w.transpose(1, 2)).double() * (2 / x.shape[1]) ** 0.5,
                    torch.zeros(3, 24, 16, dtype=torch.float64)], 1)
     ridge = torch.linalg.lstsq(a, b).solution.transpose(1, 2)
@@ -247,6 +248,22 @@ def test_compensated_target_without_drift_is_the_original_shrunk_by_the_dampenin
     torch.testing.assert_close(compensated_target(w, H, H, damp=0.3).double(), w.double() @ shrink,
                                rtol=1e-4, atol=1e-4)
     assert (compensated_target(w, H, H, damp=0.3).norm(dim=(1, 2)) < w.norm(dim=(1, 2))).all()
+
+
+def test_anchored_experts_keep_what_the_calibration_never_reached():
+    # 10 tokens for 24 columns: H has a 14-dimensional null space.
+    w, x, x_ref, H, C = _drifted(tokens=10)
+    anchored = torch.tensor([True, False, True])
+    target = compensated_target(w, H, C, anchored=anchored)
+    _, V = torch.linalg.eigh(H.double())
+    null = V[:, :, :14]  # eigenvectors of the 14 zero eigenvalues
+    unseen = lambda t: t.double() @ null  # noqa: E731  the weights' component in each null space
+    torch.testing.assert_close(unseen(target)[anchored], unseen(w)[anchored], rtol=1e-4, atol=1e-4)
+    assert unseen(w)[1].abs().max() > 0.1
+    assert unseen(target)[1].abs().max() < 1e-3  # not anchored: shrunk to zero there
+    # Anchored and without drift, the original weights come back exactly.
+    torch.testing.assert_close(compensated_target(w, H, H, damp=0.3, anchored=torch.ones(3, dtype=torch.bool)), w,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_compensation_lowers_the_error_against_the_original_output():
@@ -280,3 +297,13 @@ def test_compensated_target_rejects_bad_shapes():
         compensated_target(w, H[:, :-1, :-1], C)
     with pytest.raises(ValueError, match="need w"):
         compensated_target(w, H, C[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compensated_target_cuda_matches_cpu():
+    w, _, _, H, C = _drifted()
+    cpu = compensated_target(w, H, C)
+    gpu = compensated_target(w.cuda(), H.cuda(), C.cuda())
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
