@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,7 @@ def recipes(calibration_sizes, quick: bool):
             (f"GPTQ 2-bit, compensate none, n={large}", dict(bits="2", method="gptq", compensate="none"), large),
             (f"GPTQ 2-bit, compensate model, n={large}", dict(bits="2", method="gptq", compensate="model"), large),
             ("RTN 4-bit", dict(bits="4", method="rtn"), small),
+            (f"GPTQ 4-bit, compensate none, n={large}", dict(bits="4", method="gptq", compensate="none"), large),
             (f"GPTQ 4-bit, compensate model, n={large}", dict(bits="4", method="gptq", compensate="model"), large),
         ]
     return rows
@@ -88,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="each seed draws other calibration and validation samples; rows report the mean")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rows", default=None, help="only the recipes whose name matches this regular expression")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -96,6 +99,8 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, kw, n in recipes(args.calibration, args.quick):
+            if args.rows is not None and not re.search(args.rows, name):
+                continue
             runs = [run_recipe(args.source, name, kw, n, args.val_samples, seed, tmp) for seed in args.seeds]
             delta, delta_sd = _mean_std([r["delta"] for r in runs])
             row = {"recipe": name, "delta": delta, "delta_std": delta_sd,

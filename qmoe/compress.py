@@ -756,14 +756,17 @@ class Compressor:
                 ref_inputs = lambda j, r: x_ref[r].to(self.device, torch.float32)  # noqa: E731
             w_in = self._expert_weights(mlp, "wi", experts, tensors)  # [G, d_ff, d]
             d, d_ff = w_in.shape[2], w_in.shape[1]
-            # Experts with fewer calibration tokens than a matrix has columns keep the part of their
-            # weights the calibration never reached (compensated_target's ``anchored``).
+            # Ridge targets shrink weakly spanned directions towards zero, which lowered KL and bits at
+            # ternary but is a bias larger than the quantization error at 2-4 bits (benchmarks/RESULTS.md):
+            # integer grids, and experts with fewer calibration tokens than a matrix has columns (whose
+            # unseen directions would be zeroed), are anchored at W instead (compensated_target).
             tokens = torch.stack([keep[int(local[j]):int(local[j + 1])].sum() for j in range(G)])
+            anchor_all = s.bits != "ternary"
             H_in = self._moment(local, keep, G, d, inputs) if gptq else None
             target = w_in
             if compensate == "model":
                 target = compensated_target(w_in, H_in, self._moment(local, keep, G, d, inputs, ref_inputs),
-                                            anchored=tokens < d)
+                                            anchored=(tokens < d) | anchor_all)
             c_in, g_in, q_in, loss_in, fb_in = self._quantize(target, H_in, [n + ".wi" for n in names])
             del H_in, target
             w_out = self._expert_weights(mlp, "wo", experts, tensors)  # [G, d, d_ff]
@@ -774,7 +777,7 @@ class Compressor:
                 if compensate != "none":  # target: the original expert's hidden activations
                     ref_hidden = lambda j, r: self._act(ref_inputs(j, r) @ w_in[j].T)  # noqa: E731
                     target = compensated_target(w_out, H_out, self._moment(local, keep, G, d_ff, hidden, ref_hidden),
-                                                anchored=tokens < d_ff)
+                                                anchored=(tokens < d_ff) | anchor_all)
             c_out, g_out, q_out, loss_out, fb_out = self._quantize(target, H_out, [n + ".wo" for n in names])
             del H_out, w_out, w_in, target
             outs = {}

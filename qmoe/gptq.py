@@ -120,10 +120,11 @@ def compensated_target(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: 
     shrunk towards zero instead of being fitted to noise (``X_ref == X`` gives ``W H (H + lam I)^-1``,
     ``W`` itself only for ``lam = 0``). Shrinking rather than regularising towards ``W`` also gives
     more zeros to the ternary grid; on the bundled model it measured lower KL to the original model
-    at fewer bits than the ``W``-anchored form (benchmarks/RESULTS.md). With fewer tokens than
-    columns, though, ``H`` is singular and shrinking would zero every direction the calibration
-    never reached; such experts should be ``anchored``: ``W* = W (C^T + lam I) (H + lam I)^-1``
-    keeps the unseen part of ``W`` (and gives ``W`` back exactly when ``X_ref == X``).
+    at fewer bits than the ``W``-anchored form (benchmarks/RESULTS.md). At 2-4 bits, though, the
+    shrinkage is a bias larger than the quantization error, and with fewer tokens than columns
+    ``H`` is singular and shrinking would zero every direction the calibration never reached; such
+    experts should be ``anchored``: ``W* = W (C^T + lam I) (H + lam I)^-1`` keeps the unseen part of
+    ``W`` (and gives ``W`` back exactly when ``X_ref == X``).
 
     Args:
         w: ``[E, rows, cols]`` original weights.

@@ -242,7 +242,7 @@ def test_compensated_targets_use_the_same_tokens_original_activations(tiny_check
     real = pipeline.compensated_target
 
     def spy(w, H, C, *args, **kwargs):
-        calls.append((w.shape, H.clone(), C.clone()))
+        calls.append((w.shape, H.clone(), C.clone(), kwargs.get("anchored")))
         return real(w, H, C, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "compensated_target", spy)
@@ -266,3 +266,25 @@ def test_compensated_targets_use_the_same_tokens_original_activations(tiny_check
     if compensate != "none":
         # wo's inputs are relu(x Wi_q^T): ternary wi moves them far from the original hidden activations.
         assert min(rel(c) for c in wo_calls) > 0.05
+        # Ternary targets shrink towards zero, except for experts with fewer tokens than columns
+        # (here some decoder experts): their H is singular.
+        assert any(not bool(c[3].all()) for c in calls)
+        for _, H, _, anchored in calls:
+            for j in anchored.nonzero().flatten().tolist():
+                assert int(torch.linalg.matrix_rank(H[j])) < H.shape[-1]
+
+
+def test_integer_grids_anchor_their_compensated_targets(tiny_checkpoint, tmp_path, monkeypatch):
+    import qmoe.compress as pipeline
+
+    anchored = []
+    real = pipeline.compensated_target
+
+    def spy(w, H, C, *args, **kwargs):
+        anchored.append(kwargs["anchored"].clone())
+        return real(w, H, C, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compensated_target", spy)
+    compress(tiny_checkpoint, str(tmp_path / "int4"), CompressSettings(**TINY, bits="4"), progress=False,
+             log=lambda *a: None)
+    assert len(anchored) == 16 and all(bool(a.all()) for a in anchored)
