@@ -43,8 +43,9 @@ def recipes(calibration_sizes, quick: bool):
             (f"GPTQ ternary, min/max, our codec, compensate expert, n={n}", dict(gptq, compensate="expert"), n),
             (f"{OURS}, n={n}", dict(gptq, compensate="model"), n),
         ]
-        rows += [(f"{ACCURATE}, n={n}",
-                  dict(gptq, ternary_grid="optimized", min_zero_fraction=0.78, compensate="model"), n)]
+        accurate = dict(gptq, ternary_grid="optimized", min_zero_fraction=0.78, compensate="model")
+        rows += [(f"{ACCURATE}, n={n}", accurate, n),
+                 (f"{ACCURATE}, act order, n={n}", dict(accurate, act_order=True), n)]
     if not quick:
         rows += [
             ("RTN 2-bit", dict(bits="2", method="rtn"), small),
@@ -128,7 +129,8 @@ def main(argv=None):
         print(f"{r['recipe']:72s} {r['loss']:7.4f} {d:>16s} {r['kl']:8.5f} {r['expert_bits']:13.4f} "
               f"{r['model_bits']:10.4f} {sp:>6s}")
     qmoe_rows = [r for r in rows if r["recipe"].startswith(QMOE_RECIPE)]
-    for label, prefix in (("default", OURS), ("accuracy setting", ACCURATE)):
+    for label, prefix in (("default", OURS), ("accuracy setting", ACCURATE + ", n="),
+                          ("accuracy setting + act order", ACCURATE + ", act order")):
         for q, o in zip(qmoe_rows, [r for r in rows if r["recipe"].startswith(prefix)]):
             ratio = o["delta"] / q["delta"] if q["delta"] else float("nan")
             per_seed = [a["delta"] / b["delta"] for a, b in zip(o["runs"], q["runs"])]
