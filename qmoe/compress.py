@@ -779,18 +779,14 @@ class Compressor:
                     target = compensated_target(w_out, H_out, self._moment(local, keep, G, d_ff, hidden, ref_hidden),
                                                 anchored=(tokens < d_ff) | anchor_all)
             c_out, g_out, q_out, loss_out, fb_out = self._quantize(target, H_out, [n + ".wo" for n in names])
-            del H_out, w_out, w_in, target
+            del H_out, target
             outs = {}
             for st in self.streams:
                 if st is calib:
                     s_idx, s_x, s_prob, s_local = idx, x, prob, local
                 else:
                     s_idx, s_x, _, s_prob, s_local = self._gather_group(st, routes, order, experts)
-                if st.quantized:
-                    wi, wo = q_in, q_out
-                else:
-                    wi = self._expert_weights(mlp, "wi", experts, tensors)
-                    wo = self._expert_weights(mlp, "wo", experts, tensors)
+                wi, wo = (q_in, q_out) if st.quantized else (w_in, w_out)
                 resid = outputs[st.name].gather(s_idx)
                 y = torch.empty_like(resid)
                 for j in range(G):

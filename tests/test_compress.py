@@ -233,9 +233,9 @@ def test_bad_settings_and_sources_raise_clear_errors(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and "error" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("compensate", ["none", "expert", "model"])
-def test_compensated_targets_use_the_same_tokens_original_activations(tiny_checkpoint, tmp_path, monkeypatch,
-                                                                      compensate):
+@pytest.fixture
+def target_calls(monkeypatch):
+    """Records ``(w.shape, H, C, anchored)`` of every compensated_target call the pipeline makes."""
     import qmoe.compress as pipeline
 
     calls = []
@@ -246,6 +246,13 @@ def test_compensated_targets_use_the_same_tokens_original_activations(tiny_check
         return real(w, H, C, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "compensated_target", spy)
+    return calls
+
+
+@pytest.mark.parametrize("compensate", ["none", "expert", "model"])
+def test_compensated_targets_use_the_same_tokens_original_activations(tiny_checkpoint, tmp_path, target_calls,
+                                                                      compensate):
+    calls = target_calls
     report = compress(tiny_checkpoint, str(tmp_path / compensate), CompressSettings(**TINY, compensate=compensate),
                       progress=False, log=lambda *a: None)
     assert np.isfinite(report["loss_after"])
@@ -274,17 +281,7 @@ def test_compensated_targets_use_the_same_tokens_original_activations(tiny_check
                 assert int(torch.linalg.matrix_rank(H[j])) < H.shape[-1]
 
 
-def test_integer_grids_anchor_their_compensated_targets(tiny_checkpoint, tmp_path, monkeypatch):
-    import qmoe.compress as pipeline
-
-    anchored = []
-    real = pipeline.compensated_target
-
-    def spy(w, H, C, *args, **kwargs):
-        anchored.append(kwargs["anchored"].clone())
-        return real(w, H, C, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "compensated_target", spy)
+def test_integer_grids_anchor_their_compensated_targets(tiny_checkpoint, tmp_path, target_calls):
     compress(tiny_checkpoint, str(tmp_path / "int4"), CompressSettings(**TINY, bits="4"), progress=False,
              log=lambda *a: None)
-    assert len(anchored) == 16 and all(bool(a.all()) for a in anchored)
+    assert len(target_calls) == 16 and all(bool(c[3].all()) for c in target_calls)
