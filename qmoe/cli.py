@@ -40,6 +40,10 @@ def _add_compress(sub) -> None:
                         "model) or the per-row error-optimal (a, b)")
     p.add_argument("--min-zero-fraction", type=float, default=0.85,
                    help="optimized grid: keep at least this fraction of each row at zero (bits vs error)")
+    p.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=BITS[@FLOOR]",
+                   help="per-layer precision (repeatable; the first match wins): the sparse layers whose "
+                        "module name (e.g. decoder.block.0.layer.2.mlp) matches the regex PATTERN get BITS "
+                        "(ternary, 2, 3, 4) and, for ternary with --grid optimized, the zero floor FLOOR")
     p.add_argument("--codec", dest="codec_mode", default="tunstall", choices=["tunstall", "qmoe"],
                    help="ternary codec dictionary: ours (tunstall) or QMoE's pair dictionary")
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
@@ -93,6 +97,7 @@ def cmd_compress(args) -> int:
         val_samples=args.val_samples, seed=args.seed, data=args.data, sample_length=args.sample_length,
         expert_group=args.expert_group, quant_group_size=args.quant_group_size, damp=args.damp,
         act_order=args.act_order, compensate=args.compensate, codec_mode=args.codec_mode,
+        layer_bits=tuple(args.layer_bits),
         mask_sentinels=args.mask_sentinels,
         max_tokens_per_pass=args.max_tokens_per_pass, batch_size=args.batch_size, device=device,
         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk)
@@ -121,6 +126,10 @@ def format_compress_report(r: dict) -> str:
         f"  time {r['seconds']:.1f} s   peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
         + (f"   peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") else ""),
     ]
+    drift = [(layer["block"], layer["drift"]) for layer in r.get("layers", []) if "drift" in layer]
+    if drift:
+        lines.append("  residual-stream drift after each sparse layer (calibration, vs the original model): "
+                     + ", ".join(f"{block} {value:.2e}" for block, value in drift))
     stages = r.get("timings", {})
     if stages:
         slow = sorted(stages.items(), key=lambda kv: -kv[1])[:5]

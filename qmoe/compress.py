@@ -30,11 +30,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -85,6 +86,10 @@ class CompressSettings:
     # expert's output); "model" also compensates the error of earlier blocks by targeting the
     # original model's activations, carried by a second calibration stream through the original model.
     compensate: str = "model"
+    # Per-layer precision overrides, "PATTERN=BITS" or "PATTERN=ternary@FLOOR" (see parse_layer_bits):
+    # the first PATTERN (a regex, re.search) that matches a sparse MLP's module name, e.g.
+    # "decoder.block.0.layer.2.mlp", sets that layer's bits (and optimized-grid zero floor).
+    layer_bits: Tuple[str, ...] = ()
     codec_mode: str = "tunstall"  # "tunstall" | "qmoe"
     mask_sentinels: bool = True
     max_tokens_per_pass: int = 1 << 16  # token cap per Hessian pass; more tokens take extra passes
@@ -113,6 +118,12 @@ class CompressSettings:
             raise CompressError("--samples must be >= 1 and --val-samples >= 0")
         if self.bits == "ternary" and self.quant_group_size is not None:
             raise CompressError("ternary grids are per row (the codec stores one scale pair per row)")
+        for entry in self.layer_bits:
+            _, bits, floor = parse_layer_bits(entry)
+            if floor is not None and self.ternary_grid != "optimized":
+                raise CompressError(f"--layer-bits {entry!r}: a zero floor needs --grid optimized")
+            if bits == "ternary" and self.quant_group_size is not None:
+                raise CompressError(f"--layer-bits {entry!r}: ternary grids are per row, not grouped")
         if self.expert_group < 1 or self.batch_size < 1 or self.max_tokens_per_pass < 1:
             raise CompressError("--expert-group, --batch-size and --max-tokens-per-pass must be positive")
 
@@ -120,12 +131,72 @@ class CompressSettings:
     def quant_bits(self):
         return "ternary" if self.bits == "ternary" else int(self.bits)
 
+    def precision(self, module: str) -> "LayerPrecision":
+        """The precision of the sparse MLP ``module`` (e.g. ``"decoder.block.0.layer.2.mlp"``)."""
+        for entry in self.layer_bits:
+            pattern, bits, floor = parse_layer_bits(entry)
+            if re.search(pattern, module):
+                return self._precision(bits, floor)
+        return self.default_precision()
+
+    def default_precision(self) -> "LayerPrecision":
+        """The precision of the layers that no ``layer_bits`` entry matches."""
+        return self._precision(self.bits, None)
+
+    def _precision(self, bits: str, floor: Optional[float]) -> "LayerPrecision":
+        if bits != "ternary" or self.ternary_grid != "optimized":
+            return LayerPrecision(bits, 0.0)
+        return LayerPrecision(bits, self.min_zero_fraction if floor is None else floor)
+
     def fingerprint(self) -> dict:
         d = dataclasses.asdict(self)
+        d["layer_bits"] = list(self.layer_bits)
         for k in self.OUTPUT_NEUTRAL:
             d.pop(k)
         d["device"] = torch.device(self.device).type
         return d
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """What one sparse layer's experts are quantized to."""
+
+    bits: str  # "ternary" | "2" | "3" | "4"
+    min_zero_fraction: float = 0.0  # optimized ternary grid only: its zero floor (0 otherwise)
+
+    @property
+    def quant_bits(self):
+        return "ternary" if self.bits == "ternary" else int(self.bits)
+
+
+def parse_layer_bits(entry: str) -> Tuple[str, str, Optional[float]]:
+    """``"PATTERN=BITS"`` or ``"PATTERN=ternary@FLOOR"`` -> ``(PATTERN, BITS, FLOOR or None)``.
+
+    ``PATTERN`` is a regular expression searched in the sparse MLP's module name; ``BITS`` is
+    ``ternary``, 2, 3 or 4; ``FLOOR`` (ternary only) overrides ``--min-zero-fraction`` for the layer.
+    Raises :class:`CompressError` naming what is wrong.
+    """
+    pattern, sep, spec = str(entry).rpartition("=")
+    if not sep or not pattern:
+        raise CompressError(f"--layer-bits {entry!r}: expected PATTERN=BITS, e.g. 'decoder\\.block\\.0\\.=2'")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise CompressError(f"--layer-bits {entry!r}: bad regular expression: {e}") from None
+    bits, at, floor_text = spec.partition("@")
+    if bits not in ("ternary", "2", "3", "4"):
+        raise CompressError(f"--layer-bits {entry!r}: bits must be ternary, 2, 3 or 4, not {bits!r}")
+    if not at:
+        return pattern, bits, None
+    if bits != "ternary":
+        raise CompressError(f"--layer-bits {entry!r}: only ternary layers take a zero floor (@FLOOR)")
+    try:
+        floor = float(floor_text)
+    except ValueError:
+        floor = -1.0
+    if not 0.0 <= floor < 1.0:
+        raise CompressError(f"--layer-bits {entry!r}: the zero floor must be a number in [0, 1), not {floor_text!r}")
+    return pattern, bits, floor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +401,8 @@ class Compressor:
         self.budget = MemoryBudget(s.max_cpu_memory, os.path.join(out_dir, WORK_DIR, "spill"),
                                    pin=self.device.type == "cuda")
         self.skeleton = build_skeleton(self.config)
-        self.dictionary = self._dictionary() if s.bits == "ternary" else None
+        ternary = s.bits == "ternary" or any(parse_layer_bits(e)[1] == "ternary" for e in s.layer_bits)
+        self.dictionary = self._dictionary() if ternary else None
         self.report_layers: List[dict] = list(self.journal.extra.get("layers", []))
         self._embedding: Optional[torch.Tensor] = None
         self._bias_tables: Dict[str, torch.Tensor] = {}
@@ -635,6 +707,7 @@ class Compressor:
     # -- experts ----------------------------------------------------------------------------
     def _compress_experts(self, name, mlp, tensors, modules, routes, outputs, decoder):
         s = self.settings
+        prec = s.precision(mlp)
         E = self.config.num_experts
         calib = self.streams[0]
         masks = {calib.name: _hessian_mask(calib, decoder, self.tokenizer, s.mask_sentinels)}
@@ -657,11 +730,11 @@ class Compressor:
             results = {}
             for gi in round_groups:
                 if gi % self.dist.world == self.dist.rank:
-                    results[gi] = self._expert_group(mlp, groups[gi], tensors, routes, order, masks, outputs)
+                    results[gi] = self._expert_group(mlp, groups[gi], tensors, routes, order, masks, outputs, prec)
             if round_start == 0:
                 _fault_point("mid-block", name)
             for gi in round_groups:
-                res = self._share_group_result(results.get(gi), groups[gi], order, gi % self.dist.world)
+                res = self._share_group_result(results.get(gi), groups[gi], order, gi % self.dist.world, prec)
                 for m in ("wi", "wo"):
                     for j, e in enumerate(groups[gi]):
                         codes[m][e] = res[m]["codes"][j]
@@ -676,11 +749,30 @@ class Compressor:
                     if hi > lo:
                         outputs[st.name].scatter(perm[lo:hi], res["out"][st.name])
         stats["no_tokens"] = [e for e in range(E) if int(calib_counts[e]) == 0]
+        if REFERENCE_STREAM in outputs:
+            stats["drift"] = self._drift(outputs[calib.name], outputs[REFERENCE_STREAM])
         for st in self.streams:
             self.budget.release(routes[st.name][0])
-        packed = {m: self._pack(mlp, m, codes[m], grids[m]) for m in ("wi", "wo")}
-        self._layer_report(name, mlp, codes, packed, stats, calib_counts)
+        packed = {m: self._pack(codes[m], grids[m], prec) for m in ("wi", "wo")}
+        self._layer_report(name, mlp, codes, packed, stats, calib_counts, prec)
         return packed
+
+    def _drift(self, quantized: ActivationStore, original: ActivationStore) -> float:
+        """``sum ||q - o||^2 / sum ||o||^2`` over the calibration tokens of the two streams' block outputs.
+
+        How far the quantized model's residual stream has moved from the original model's after this
+        block: its rise from one sparse layer to the next shows which layers' quantization costs the
+        most, the information ``layer_bits`` needs.
+        """
+        err = ref = 0.0
+        rows = quantized.num_tokens
+        step = max(1, (1 << 24) // max(1, quantized.width))  # ~64 MB of float32 per read
+        for r0 in range(0, rows, step):
+            q = quantized.read_rows(r0, min(rows, r0 + step)).double()
+            o = original.read_rows(r0, min(rows, r0 + step)).double()
+            err += float((q - o).square().sum())
+            ref += float(o.square().sum())
+        return err / ref if ref > 0 else 0.0
 
     def _expert_weights(self, mlp: str, m: str, experts: List[int], tensors) -> torch.Tensor:
         return torch.stack([tensors[f"{mlp}.experts.expert_{e}.{m}.weight"] for e in experts]).to(
@@ -715,29 +807,24 @@ class Compressor:
             n[j] = len(rows)
         return M / n.clamp(min=1).to(self.device)[:, None, None]
 
-    def _quantize(self, w: torch.Tensor, H: Optional[torch.Tensor], names: List[str]):
+    def _quantize(self, w: torch.Tensor, H: Optional[torch.Tensor], names: List[str], prec: LayerPrecision):
         s = self.settings
         if s.method == "gptq":
-            res = gptq_quantize(w, H, bits=s.quant_bits, ternary_grid=s.ternary_grid, damp=s.damp,
+            res = gptq_quantize(w, H, bits=prec.quant_bits, ternary_grid=s.ternary_grid, damp=s.damp,
                                 block_size=s.gptq_block_size, act_order=s.act_order,
                                 group_size=s.quant_group_size, names=names,
-                                min_zero_fraction=self._zero_floor)
+                                min_zero_fraction=prec.min_zero_fraction)
             grid, codes, loss, fallback = res.grid, res.codes, res.loss, res.fallback
         else:
-            grid = make_grid(w, bits=s.quant_bits, ternary_grid=s.ternary_grid, group_size=s.quant_group_size,
-                             min_zero_fraction=self._zero_floor)
+            grid = make_grid(w, bits=prec.quant_bits, ternary_grid=s.ternary_grid, group_size=s.quant_group_size,
+                             min_zero_fraction=prec.min_zero_fraction)
             codes = grid.codes(w)
             loss = torch.zeros(w.shape[0])
             fallback = torch.zeros(w.shape[0], dtype=torch.bool)
         stored = _stored_grid(grid)
         return codes, stored, stored.dequantize(codes), loss, fallback
 
-    @property
-    def _zero_floor(self) -> float:
-        s = self.settings
-        return s.min_zero_fraction if s.bits == "ternary" and s.ternary_grid == "optimized" else 0.0
-
-    def _expert_group(self, mlp, experts, tensors, routes, order, masks, outputs):
+    def _expert_group(self, mlp, experts, tensors, routes, order, masks, outputs, prec: LayerPrecision):
         s = self.settings
         G = len(experts)
         calib = self.streams[0]
@@ -761,13 +848,13 @@ class Compressor:
             # integer grids, and experts with fewer calibration tokens than a matrix has columns (whose
             # unseen directions would be zeroed), are anchored at W instead (compensated_target).
             tokens = torch.stack([keep[int(local[j]):int(local[j + 1])].sum() for j in range(G)])
-            anchor_all = s.bits != "ternary"
+            anchor_all = prec.bits != "ternary"
             H_in = self._moment(local, keep, G, d, inputs) if gptq else None
             target = w_in
             if compensate == "model":
                 target = compensated_target(w_in, H_in, self._moment(local, keep, G, d, inputs, ref_inputs),
                                             anchored=(tokens < d) | anchor_all)
-            c_in, g_in, q_in, loss_in, fb_in = self._quantize(target, H_in, [n + ".wi" for n in names])
+            c_in, g_in, q_in, loss_in, fb_in = self._quantize(target, H_in, [n + ".wi" for n in names], prec)
             del H_in, target
             w_out = self._expert_weights(mlp, "wo", experts, tensors)  # [G, d, d_ff]
             H_out, target = None, w_out
@@ -778,7 +865,7 @@ class Compressor:
                     ref_hidden = lambda j, r: self._act(ref_inputs(j, r) @ w_in[j].T)  # noqa: E731
                     target = compensated_target(w_out, H_out, self._moment(local, keep, G, d_ff, hidden, ref_hidden),
                                                 anchored=(tokens < d_ff) | anchor_all)
-            c_out, g_out, q_out, loss_out, fb_out = self._quantize(target, H_out, [n + ".wo" for n in names])
+            c_out, g_out, q_out, loss_out, fb_out = self._quantize(target, H_out, [n + ".wo" for n in names], prec)
             del H_out, target
             outs = {}
             for st in self.streams:
@@ -803,12 +890,12 @@ class Compressor:
         result["out"] = outs
         return result
 
-    def _share_group_result(self, res, experts, order, owner: int):
+    def _share_group_result(self, res, experts, order, owner: int, prec: LayerPrecision):
         """Makes the owner rank's group result known to every rank (identity for one process)."""
         if self.dist.world == 1:
             return res
         G, d, f = len(experts), self.config.d_model, self.config.d_ff
-        code_dtype = torch.int8 if self.settings.bits == "ternary" else torch.uint8
+        code_dtype = torch.int8 if prec.bits == "ternary" else torch.uint8
         # Grid parameters are [G, rows] or [G, rows, groups] as make_grid decides; the owner says which.
         grid_shapes = torch.zeros(2, 4, dtype=torch.int64)  # per matrix: ndim, then the shape
         if res is not None:
@@ -843,8 +930,8 @@ class Compressor:
             res["out"][st.name] = flat[k + 1 + j]
         return res
 
-    def _pack(self, mlp: str, m: str, codes: List[torch.Tensor], grids: List) -> storage.PackedExperts:
-        if self.settings.bits == "ternary":
+    def _pack(self, codes: List[torch.Tensor], grids: List, prec: LayerPrecision) -> storage.PackedExperts:
+        if prec.bits == "ternary":
             from . import codec
 
             encoded = []
@@ -854,17 +941,20 @@ class Compressor:
             return storage.PackedExperts.from_encoded(encoded, self.dictionary)
         scale = torch.stack([g[0] for g in grids])
         zero = torch.stack([g[1] for g in grids])
-        return storage.PackedExperts.from_int_codes(torch.stack(codes), scale, zero, int(self.settings.bits))
+        return storage.PackedExperts.from_int_codes(torch.stack(codes), scale, zero, int(prec.bits))
 
-    def _layer_report(self, name, mlp, codes, packed, stats, counts) -> None:
+    def _layer_report(self, name, mlp, codes, packed, stats, counts, prec: LayerPrecision) -> None:
         weights = sum(c.numel() for c in codes["wi"]) + sum(c.numel() for c in codes["wo"])
-        entry = {"block": name, "mlp": mlp, "weights": weights,
+        entry = {"block": name, "mlp": mlp, "bits": prec.bits, "weights": weights,
                  "bytes": sum(p.nbytes for p in packed.values()),
                  "fallback_experts": sorted(set(stats["fallback"])), "experts_without_tokens": stats["no_tokens"],
                  "tokens_per_expert": {"min": int(counts.min()), "max": int(counts.max()),
                                        "mean": float(counts.float().mean())},
                  "gptq_loss_wi": float(np.mean(stats["loss_wi"])), "gptq_loss_wo": float(np.mean(stats["loss_wo"]))}
-        if self.settings.bits == "ternary":
+        if "drift" in stats:
+            entry["drift"] = stats["drift"]
+        if prec.bits == "ternary":
+            entry["min_zero_fraction"] = prec.min_zero_fraction
             zeros = sum(int((c == 0).sum()) for m in ("wi", "wo") for c in codes[m])
             entry["sparsity"] = zeros / weights
             p0 = entry["sparsity"]
@@ -884,8 +974,9 @@ class Compressor:
         quant_cfg = {
             "quant_method": "qmoe", "format_version": storage.FORMAT_VERSION,
             "bits": s.bits, "method": s.method,
-            "grid": s.ternary_grid if s.bits == "ternary" else "asymmetric",
-            "min_zero_fraction": self._zero_floor,
+            "grid": s.ternary_grid if self.dictionary is not None else "asymmetric",
+            "min_zero_fraction": s.default_precision().min_zero_fraction,
+            "layer_bits": list(s.layer_bits),
             "group_size": s.quant_group_size,
             "codec": None if self.dictionary is None else {"mode": self.dictionary.mode, "version": 1},
             "calibration": {"samples": s.samples, "validation_samples": s.val_samples, "seed": s.seed,

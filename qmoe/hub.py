@@ -23,8 +23,11 @@ def model_card(path: str) -> str:
     stats = checkpoint_stats(path, decode=False)
     settings = report.get("settings", {})
     cmd = ["qmoe compress", q.get("source", "SOURCE"), "--out OUT", f"--bits {q['bits']}", f"--method {q['method']}"]
-    if q["bits"] == "ternary":
+    if q["bits"] == "ternary" or q.get("layer_bits"):
         cmd.append(f"--grid {q['grid']}")
+    if q.get("grid") == "optimized":
+        cmd.append(f"--min-zero-fraction {q['min_zero_fraction']}")
+    cmd += [f"--layer-bits '{entry}'" for entry in q.get("layer_bits", [])]
     cal = q.get("calibration", {})
     cmd += [f"--samples {cal.get('samples')}", f"--seed {cal.get('seed')}"]
     if cal.get("data") not in (None, "bundled"):

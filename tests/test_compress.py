@@ -128,6 +128,39 @@ def test_reported_kl_matches_the_saved_models(reference_run, tiny_checkpoint):
     assert report["kl"] == pytest.approx(kl, rel=1e-3)
 
 
+def test_reported_drift_matches_the_saved_models(reference_run, tiny_checkpoint):
+    """Each sparse layer's drift is the relative error of the quantized model's block output against
+    the original model's, on the calibration samples: recomputed here from the two models on disk."""
+    from qmoe.data import collate, load_tokenizer, make_samples
+    from qmoe.generation import _as_placed
+    from qmoe.model import load_switch
+    from qmoe.runtime import load_compressed
+
+    out, report = reference_run
+    models = {"dense": load_switch(tiny_checkpoint, dtype=torch.float32),
+              "comp": load_compressed(out, devices="cpu", dtype=torch.float32)}
+    tok = load_tokenizer(models["comp"].tokenizer_path)
+    smp = make_samples(tok, None, n=TINY["samples"], seed=0, split="calibration", length=128)
+    batch = collate(smp, tok.pad_id, models["dense"].config.decoder_start_token_id)
+    args = (batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"], batch["decoder_attention_mask"])
+    blocks = [layer["block"] for layer in report["layers"]]
+    seen = {}
+    for key, model in models.items():
+        model = _as_placed(model)
+        hooks = [model.model.get_submodule(b).register_forward_hook(
+            lambda mod, a, o, b=b: seen.__setitem__((key, b), o[0] if isinstance(o, tuple) else o)) for b in blocks]
+        with torch.no_grad():
+            model(*args)
+        for h in hooks:
+            h.remove()
+    for layer in report["layers"]:
+        b = layer["block"]
+        mask = (batch["decoder_attention_mask"] if b.startswith("decoder") else batch["attention_mask"]).bool()
+        q, o = seen[("comp", b)][mask].double(), seen[("dense", b)][mask].double()
+        want = float((q - o).square().sum() / o.square().sum())
+        assert want > 0 and layer["drift"] == pytest.approx(want, rel=1e-3), b
+
+
 def test_stats_and_eval_json(reference_run):
     from qmoe.stats import checkpoint_stats
 
@@ -222,7 +255,57 @@ def test_rtn_and_integer_bits(tiny_checkpoint, tmp_path):
     assert gap4 < gap2
 
 
+def test_layer_bits_give_each_matched_layer_its_precision(reference_run, tiny_checkpoint, tmp_path, target_calls):
+    from qmoe.cli import evaluate_source
+    from qmoe.stats import checkpoint_stats
+
+    _, plain = reference_run
+    mlps = [layer["mlp"] for layer in plain["layers"]]
+    assert len(mlps) == 4 and mlps[0].startswith("encoder.block.1.")
+    overrides = (r"^decoder\.block\.1\.=4", r"^encoder\.block\.3\.=ternary@0.95", r"^encoder\.=ternary@0.6")
+    out = str(tmp_path / "mixed")
+    report = compress(tiny_checkpoint, out, CompressSettings(**TINY, ternary_grid="optimized", min_zero_fraction=0.8,
+                                                             layer_bits=overrides), progress=False, log=lambda *a: None)
+    by_mlp = {layer["mlp"]: layer for layer in report["layers"]}
+    want = {"encoder.block.1.": ("ternary", 0.6), "encoder.block.3.": ("ternary", 0.95),
+            "decoder.block.1.": ("4", None), "decoder.block.3.": ("ternary", 0.8)}  # the first match wins
+    for mlp, layer in by_mlp.items():
+        bits, floor = next(v for k, v in want.items() if mlp.startswith(k))
+        assert layer["bits"] == bits and layer.get("min_zero_fraction") == floor
+    # The zero floor holds under rounding; GPTQ's updates move the final fraction by a few points.
+    sparsity = {k: by_mlp[next(m for m in by_mlp if m.startswith(k))].get("sparsity") for k in want}
+    assert sparsity["encoder.block.3."] > 0.9 > sparsity["decoder.block.3."] > 0.7 > sparsity["encoder.block.1."]
+    assert sparsity["decoder.block.1."] is None
+    # The 4-bit layer (the third; two groups of wi and wo targets per layer) anchors its targets at W.
+    assert len(target_calls) == 16 and all(bool(c[3].all()) for c in target_calls[8:12])
+
+    ckpt = open_compressed(out)
+    assert ckpt.quantization_config["bits"] == "ternary" and ckpt.quantization_config["layer_bits"] == list(overrides)
+    assert ckpt.dictionary is not None
+    kinds = {}
+    for name in ("encoder.block.1", "decoder.block.1", "decoder.block.3"):
+        for packed in ckpt.read_block(name).experts.values():
+            kinds[name] = (packed["wi"].kind, packed["wi"].bits, packed["wo"].kind, packed["wo"].bits)
+    assert kinds == {"encoder.block.1": ("ternary", 0, "ternary", 0), "decoder.block.1": ("int", 4, "int", 4),
+                     "decoder.block.3": ("ternary", 0, "ternary", 0)}
+    stats = checkpoint_stats(out)
+    assert {layer["kind"] for layer in stats["layers"]} == {"ternary", "int"}
+    # The runtime serves the mixed checkpoint: the loss measured from disk is the one the pipeline reported.
+    after = evaluate_source(out, samples=TINY["val_samples"], sample_length=128, dtype="float32")
+    assert after["loss"] == pytest.approx(report["loss_after"], rel=1e-4)
+
+
 def test_bad_settings_and_sources_raise_clear_errors(tiny_checkpoint, tmp_path):
+    for entry, message in (("decoder", "PATTERN=BITS"), ("x=5", "bits must be"), ("x=2@0.9", "only ternary"),
+                           ("x=ternary@1", r"\[0, 1\)"), ("(=2", "regular expression")):
+        with pytest.raises(CompressError, match=message):
+            CompressSettings(layer_bits=(entry,)).validate()
+    with pytest.raises(CompressError, match="--grid optimized"):
+        CompressSettings(layer_bits=("x=ternary@0.9",)).validate()
+    with pytest.raises(CompressError, match="per row"):
+        CompressSettings(bits="4", quant_group_size=16, layer_bits=("x=ternary",)).validate()
+    proc = run_cli(["compress", "--out", str(tmp_path / "e"), "--layer-bits", "x=7"], check=False)
+    assert proc.returncode == 2 and "--layer-bits 'x=7'" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(CompressError, match="--bits"):
         compress(tiny_checkpoint, str(tmp_path / "a"), CompressSettings(bits="5"), progress=False)
     with pytest.raises(CompressError, match="per row"):
