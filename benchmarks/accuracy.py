@@ -1,8 +1,8 @@
 """Validation loss of the bundled reference model after compression, recipe by recipe.
 
 Rows: round-to-nearest and GPTQ at ternary (QMoE's min/max grid and our optimized grid; QMoE's
-pair codec and ours; GPTQ targets without and with compensation), 2-bit and 4-bit, GPTQ at two
-calibration sizes. Every row is a full ``qmoe compress`` run in this process per seed; bits per
+pair codec and ours; GPTQ targets without and with compensation), a mixed-precision plan
+(``--layer-bits``), 2-bit and 4-bit, GPTQ at two calibration sizes. Every row is a full ``qmoe compress`` run in this process per seed; bits per
 parameter are measured from the written files (experts only, and the whole model), losses on
 held-out validation samples. A seed draws both the calibration and the validation samples, and a
 row reports the mean over seeds: on this small model the loss increase of one draw varies by
@@ -45,7 +45,8 @@ def recipes(calibration_sizes, quick: bool):
         ]
         accurate = dict(gptq, ternary_grid="optimized", min_zero_fraction=0.78, compensate="model")
         rows += [(f"{ACCURATE}, n={n}", accurate, n),
-                 (f"{ACCURATE}, act order, n={n}", dict(accurate, act_order=True), n)]
+                 (f"{ACCURATE}, act order, n={n}", dict(accurate, act_order=True), n),
+                 (f"{MIXED}, n={n}", dict(accurate, act_order=True, layer_bits=MIXED_PLAN), n)]
     if not quick:
         rows += [
             ("RTN 2-bit", dict(bits="2", method="rtn"), small),
@@ -61,6 +62,11 @@ def recipes(calibration_sizes, quick: bool):
 QMOE_RECIPE = "GPTQ ternary, min/max grid, QMoE codec (QMoE recipe)"
 OURS = "GPTQ ternary, min/max grid, our codec, compensate model (default)"
 ACCURATE = "GPTQ ternary, optimized grid (floor 0.78), our codec, compensate model"
+# Per-layer precision for this model, read off its per-layer KL attribution and the compression
+# report's drift (benchmarks/RESULTS.md): decoder block 0's experts, whose output is over half of the
+# residual stream, get 2 bits; encoder blocks 1-3, whose expert outputs are under 1% of it, more zeros.
+MIXED_PLAN = (r"^decoder\.block\.0\.=2", r"^encoder\.block\.[1-9]\d*\.=ternary@0.9")
+MIXED = "mixed: decoder.block.0 2-bit, rest as accuracy setting (encoder.block.1-3 floor 0.9), act order"
 
 
 def _mean_std(values):
@@ -130,7 +136,8 @@ def main(argv=None):
               f"{r['model_bits']:10.4f} {sp:>6s}")
     qmoe_rows = [r for r in rows if r["recipe"].startswith(QMOE_RECIPE)]
     for label, prefix in (("default", OURS), ("accuracy setting", ACCURATE + ", n="),
-                          ("accuracy setting + act order", ACCURATE + ", act order")):
+                          ("accuracy setting + act order", ACCURATE + ", act order"),
+                          ("mixed precision", MIXED + ", n=")):
         for q, o in zip(qmoe_rows, [r for r in rows if r["recipe"].startswith(prefix)]):
             ratio = o["delta"] / q["delta"] if q["delta"] else float("nan")
             per_seed = [a["delta"] / b["delta"] for a, b in zip(o["runs"], q["runs"])]

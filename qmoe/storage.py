@@ -4,7 +4,7 @@ A compressed checkpoint is a folder (or a Hub repository with the same files)::
 
     config.json              model config (quirks already fixed) + ``quantization_config``
     qmoe_manifest.json       format version, block order, every file's size and sha256
-    dictionary.safetensors   codec dictionary shared by all ternary matrices (ternary only), or
+    dictionary.safetensors   codec dictionary shared by all ternary matrices (if any layer is ternary), or
     dictionary.json          a reference to a built-in dictionary by name and sha256 fingerprint
     blocks/<block>.safetensors   one file per block, in execution order
     spiece.model, ...        tokenizer files copied from the source
@@ -23,7 +23,9 @@ one kernel launch can address all of them (``codec/FORMAT.md``, "layer layout"):
 Integer (2/3/4-bit) experts store ``qweight`` uint8 [E, rows, ceil(cols * bits / 8)] (little-endian bit
 packing along a row), ``scale`` bf16 [E, rows, groups] and ``zero`` uint8 [E, rows, groups];
 ``w = (code - zero) * scale``. The safetensors header metadata ``qmoe.experts`` (JSON) lists every
-packed matrix with its kind, bits, expert count and shape, so a reader never guesses.
+packed matrix with its kind, bits, expert count and shape, so a reader never guesses. Sparse layers may
+differ in kind and bits (``qmoe compress --layer-bits``; ``quantization_config`` records ``bits``, the
+default, and the ``layer_bits`` overrides), but a layer's ``wi`` and ``wo`` always share both.
 
 Every file is written to a temporary name, fsynced and renamed, so a crash never leaves a torn file.
 """

@@ -290,6 +290,10 @@ def test_layer_bits_give_each_matched_layer_its_precision(reference_run, tiny_ch
                      "decoder.block.3": ("ternary", 0, "ternary", 0)}
     stats = checkpoint_stats(out)
     assert {layer["kind"] for layer in stats["layers"]} == {"ternary", "int"}
+    from qmoe.hub import model_card
+
+    card = model_card(out)
+    assert "--min-zero-fraction 0.8" in card and all(f"--layer-bits '{e}'" in card for e in overrides)
     # The runtime serves the mixed checkpoint: the loss measured from disk is the one the pipeline reported.
     after = evaluate_source(out, samples=TINY["val_samples"], sample_length=128, dtype="float32")
     assert after["loss"] == pytest.approx(report["loss_after"], rel=1e-4)
