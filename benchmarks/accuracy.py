@@ -62,9 +62,9 @@ def recipes(calibration_sizes, quick: bool):
 QMOE_RECIPE = "GPTQ ternary, min/max grid, QMoE codec (QMoE recipe)"
 OURS = "GPTQ ternary, min/max grid, our codec, compensate model (default)"
 ACCURATE = "GPTQ ternary, optimized grid (floor 0.78), our codec, compensate model"
-# Per-layer precision for this model, read off its per-layer KL attribution and the compression
-# report's drift (benchmarks/RESULTS.md): decoder block 0's experts, whose output is over half of the
-# residual stream, get 2 bits; encoder blocks 1-3, whose expert outputs are under 1% of it, more zeros.
+# Per-layer precision for this model, read off its per-layer KL attribution (layer_sensitivity.py) and
+# the compression report's drift (benchmarks/RESULTS.md): decoder block 0's experts, 57% of the KL of
+# the accuracy setting, get 2 bits; encoder blocks 1-3, under 3% of it, more zeros.
 MIXED_PLAN = (r"^decoder\.block\.0\.=2", r"^encoder\.block\.[1-9]\d*\.=ternary@0.9")
 MIXED = "mixed: decoder.block.0 2-bit, rest as accuracy setting (encoder.block.1-3 floor 0.9), act order"
 
@@ -123,16 +123,17 @@ def main(argv=None):
 
     print(f"seeds {args.seeds}, {args.val_samples} validation samples per seed; loss and Δloss are means "
           f"(± sample std of Δloss over seeds)")
-    header = (f"{'recipe':72s} {'loss':>7s} {'Δloss':>16s} {'KL':>8s} {'bits/expert w':>13s} {'bits/param':>10s} "
+    w = max([26] + [len(r["recipe"]) for r in rows])
+    header = (f"{'recipe':{w}s} {'loss':>7s} {'Δloss':>16s} {'KL':>8s} {'bits/expert w':>13s} {'bits/param':>10s} "
               f"{'zeros':>6s}")
     print(header)
     print("-" * len(header))
-    print(f"{'original (bf16 checkpoint)':72s} {rows[0]['loss_before']:7.4f} {'':>16s} {'':>8s} {16:13.4f} "
+    print(f"{'original (bf16 checkpoint)':{w}s} {rows[0]['loss_before']:7.4f} {'':>16s} {'':>8s} {16:13.4f} "
           f"{16:10.4f}")
     for r in rows:
         sp = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
         d = f"{r['delta']:+.4f} ± {r['delta_std']:.4f}"
-        print(f"{r['recipe']:72s} {r['loss']:7.4f} {d:>16s} {r['kl']:8.5f} {r['expert_bits']:13.4f} "
+        print(f"{r['recipe']:{w}s} {r['loss']:7.4f} {d:>16s} {r['kl']:8.5f} {r['expert_bits']:13.4f} "
               f"{r['model_bits']:10.4f} {sp:>6s}")
     qmoe_rows = [r for r in rows if r["recipe"].startswith(QMOE_RECIPE)]
     for label, prefix in (("default", OURS), ("accuracy setting", ACCURATE + ", n="),

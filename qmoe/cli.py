@@ -126,10 +126,14 @@ def format_compress_report(r: dict) -> str:
         f"  time {r['seconds']:.1f} s   peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
         + (f"   peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") else ""),
     ]
-    drift = [(layer["block"], layer["drift"]) for layer in r.get("layers", []) if "drift" in layer]
+    drift = {}
+    for layer in r.get("layers", []):
+        if "drift" in layer:
+            stack, _, index = layer["block"].split(".")
+            drift.setdefault(stack, []).append(f"{index}: {layer['drift_in']:.1e}->{layer['drift']:.1e}")
     if drift:
-        lines.append("  residual-stream drift after each sparse layer (calibration, vs the original model): "
-                     + ", ".join(f"{block} {value:.2e}" for block, value in drift))
+        lines.append("  residual-stream drift into -> out of each sparse layer (calibration, vs the original model): "
+                     + "; ".join(f"{stack} {', '.join(values)}" for stack, values in drift.items()))
     stages = r.get("timings", {})
     if stages:
         slow = sorted(stages.items(), key=lambda kv: -kv[1])[:5]

@@ -723,6 +723,8 @@ class Compressor:
         grids = {"wi": [None] * E, "wo": [None] * E}
         stats = {"fallback": [], "no_tokens": [], "loss_wi": [0.0] * E, "loss_wo": [0.0] * E}
         calib_counts = order[calib.name][1].diff()
+        if REFERENCE_STREAM in outputs:  # the residual stream entering the experts
+            stats["drift_in"] = self._drift(outputs[calib.name], outputs[REFERENCE_STREAM])
         bar = _progress(range(0, len(groups), self.dist.world), self.progress and self.dist.rank == 0,
                         f"{name} expert groups", len(groups), 0, leave=False)
         for round_start in bar:
@@ -758,11 +760,12 @@ class Compressor:
         return packed
 
     def _drift(self, quantized: ActivationStore, original: ActivationStore) -> float:
-        """``sum ||q - o||^2 / sum ||o||^2`` over the calibration tokens of the two streams' block outputs.
+        """``sum ||q - o||^2 / sum ||o||^2`` over the calibration tokens of two streams' residual states.
 
-        How far the quantized model's residual stream has moved from the original model's after this
-        block: its rise from one sparse layer to the next shows which layers' quantization costs the
-        most, the information ``layer_bits`` needs.
+        How far the quantized model's residual stream has moved from the original model's, entering a
+        sparse layer's experts (``drift_in``) and leaving the block (``drift``): the rise from one to
+        the other is what quantizing this layer's experts costs (after they compensated what they
+        could), the information ``layer_bits`` needs.
         """
         err = ref = 0.0
         rows = quantized.num_tokens
@@ -952,7 +955,7 @@ class Compressor:
                                        "mean": float(counts.float().mean())},
                  "gptq_loss_wi": float(np.mean(stats["loss_wi"])), "gptq_loss_wo": float(np.mean(stats["loss_wo"]))}
         if "drift" in stats:
-            entry["drift"] = stats["drift"]
+            entry["drift_in"], entry["drift"] = stats["drift_in"], stats["drift"]
         if prec.bits == "ternary":
             entry["min_zero_fraction"] = prec.min_zero_fraction
             zeros = sum(int((c == 0).sum()) for m in ("wi", "wo") for c in codes[m])

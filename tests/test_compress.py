@@ -147,8 +147,11 @@ def test_reported_drift_matches_the_saved_models(reference_run, tiny_checkpoint)
     seen = {}
     for key, model in models.items():
         model = _as_placed(model)
-        hooks = [model.model.get_submodule(b).register_forward_hook(
-            lambda mod, a, o, b=b: seen.__setitem__((key, b), o[0] if isinstance(o, tuple) else o)) for b in blocks]
+        hooks = []
+        for b in blocks:  # the sparse feed-forward sublayer: its input, and its output (the block's)
+            ffn = model.model.get_submodule(b).layer[-1]
+            hooks.append(ffn.register_forward_hook(lambda mod, a, o, b=b, key=key: seen.update(
+                {(key, b, "in"): a[0], (key, b, "out"): o})))
         with torch.no_grad():
             model(*args)
         for h in hooks:
@@ -156,9 +159,12 @@ def test_reported_drift_matches_the_saved_models(reference_run, tiny_checkpoint)
     for layer in report["layers"]:
         b = layer["block"]
         mask = (batch["decoder_attention_mask"] if b.startswith("decoder") else batch["attention_mask"]).bool()
-        q, o = seen[("comp", b)][mask].double(), seen[("dense", b)][mask].double()
-        want = float((q - o).square().sum() / o.square().sum())
-        assert want > 0 and layer["drift"] == pytest.approx(want, rel=1e-3), b
+        for where, field in (("in", "drift_in"), ("out", "drift")):
+            q, o = seen[("comp", b, where)][mask].double(), seen[("dense", b, where)][mask].double()
+            want = float((q - o).square().sum() / o.square().sum())
+            assert want > 0 and layer[field] == pytest.approx(want, rel=1e-3), (b, field)
+    # The first sparse layer's experts see the original model's inputs (up to bf16-rounded dense weights).
+    assert report["layers"][0]["drift_in"] < 0.1 * report["layers"][0]["drift"]
 
 
 def test_stats_and_eval_json(reference_run):
