@@ -3,7 +3,9 @@
 For each sparse layer, the original model is evaluated with only that layer's experts replaced by the
 compressed checkpoint's (dequantized exactly as stored), and the KL divergence ``KL(original ||
 hybrid)`` per validation token and the loss increase are reported; then with every layer replaced
-(the compressed model itself), only the encoder's, and only the decoder's. Single layers do not add
+(the compressed model itself for a bf16 source; of other sources the checkpoint stores the dense
+weights rounded to bf16, which the hybrids leave as they were), only the encoder's, and only the
+decoder's. Single layers do not add
 up to the whole: with ``--compensate model`` a layer's experts also absorb the drift of the layers
 before them, which the hybrid does not have.
 

@@ -167,6 +167,46 @@ def test_reported_drift_matches_the_saved_models(reference_run, tiny_checkpoint)
     assert report["layers"][0]["drift_in"] < 0.1 * report["layers"][0]["drift"]
 
 
+def test_layer_sensitivity_benchmark_replaces_experts_as_stored(c2048_checkpoint, tmp_path):
+    """benchmarks/layer_sensitivity.py with every layer replaced is the compressed model itself (for a
+    bf16 source, whose dense weights the checkpoint stores unchanged): its KL equals the one computed
+    through the runtime (load_compressed) on the same samples."""
+    import importlib.util
+
+    import torch.nn.functional as F
+
+    from qmoe.data import collate, load_tokenizer, make_samples
+    from qmoe.generation import _as_placed
+    from qmoe.model import load_switch
+    from qmoe.runtime import load_compressed
+
+    out = str(tmp_path / "c2048")
+    report = compress(c2048_checkpoint, out, CompressSettings(**TINY), progress=False, log=lambda *a: None)
+    spec = importlib.util.spec_from_file_location("layer_sensitivity", os.path.join(REPO, "benchmarks",
+                                                                                   "layer_sensitivity.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = str(tmp_path / "sens.json")
+    bench.main([out, "--original", c2048_checkpoint, "--samples", "4", "--sample-length", "128", "--json", result])
+    with open(result) as f:
+        rows = {r["replaced"]: r for r in json.load(f)["rows"]}
+    layers = [layer["mlp"] for layer in report["layers"]]
+    assert all(rows[m]["kl"] > 0 for m in layers)
+
+    dense = load_switch(c2048_checkpoint, dtype=torch.float32)
+    comp = load_compressed(out, devices="cpu", dtype=torch.float32)
+    tok = load_tokenizer(comp.tokenizer_path)
+    batch = collate(make_samples(tok, None, n=4, seed=100, split="validation", length=128), tok.pad_id,
+                    dense.config.decoder_start_token_id)
+    args = (batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"], batch["decoder_attention_mask"])
+    with torch.no_grad():
+        logp_d = F.log_softmax(_as_placed(dense)(*args).logits.float(), -1)
+        logp_c = F.log_softmax(_as_placed(comp)(*args).logits.float(), -1)
+    keep = batch["labels"] != -100
+    kl = (logp_d.exp() * (logp_d - logp_c)).sum(-1)[keep].mean().item()
+    assert rows["all sparse layers (the compressed model)"]["kl"] == pytest.approx(kl, rel=1e-3)
+
+
 def test_stats_and_eval_json(reference_run):
     from qmoe.stats import checkpoint_stats
 
