@@ -118,6 +118,8 @@ class CompressSettings:
             raise CompressError("--samples must be >= 1 and --val-samples >= 0")
         if self.bits == "ternary" and self.quant_group_size is not None:
             raise CompressError("ternary grids are per row (the codec stores one scale pair per row)")
+        if isinstance(self.layer_bits, str):
+            raise CompressError("layer_bits must be a sequence of 'PATTERN=BITS' strings, not one string")
         for entry in self.layer_bits:
             _, bits, floor = parse_layer_bits(entry)
             if floor is not None and self.ternary_grid != "optimized":
@@ -769,12 +771,12 @@ class Compressor:
         """
         err = ref = 0.0
         rows = quantized.num_tokens
-        step = max(1, (1 << 24) // max(1, quantized.width))  # ~64 MB of float32 per read
+        step = max(1, (1 << 22) // max(1, quantized.width))  # 16 MB of float32 per read
         for r0 in range(0, rows, step):
-            q = quantized.read_rows(r0, min(rows, r0 + step)).double()
-            o = original.read_rows(r0, min(rows, r0 + step)).double()
-            err += float((q - o).square().sum())
-            ref += float(o.square().sum())
+            q = quantized.read_rows(r0, min(rows, r0 + step)).float()
+            o = original.read_rows(r0, min(rows, r0 + step)).float()
+            err += float((q - o).square().sum(dtype=torch.float64))
+            ref += float(o.square().sum(dtype=torch.float64))
         return err / ref if ref > 0 else 0.0
 
     def _expert_weights(self, mlp: str, m: str, experts: List[int], tensors) -> torch.Tensor:

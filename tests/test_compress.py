@@ -352,6 +352,8 @@ def test_bad_settings_and_sources_raise_clear_errors(tiny_checkpoint, tmp_path):
             CompressSettings(layer_bits=(entry,)).validate()
     with pytest.raises(CompressError, match="--grid optimized"):
         CompressSettings(layer_bits=("x=ternary@0.9",)).validate()
+    with pytest.raises(CompressError, match="not one string"):
+        CompressSettings(layer_bits="x=2").validate()
     with pytest.raises(CompressError, match="per row"):
         CompressSettings(bits="4", quant_group_size=16, layer_bits=("x=ternary",)).validate()
     proc = run_cli(["compress", "--out", str(tmp_path / "e"), "--layer-bits", "x=7"], check=False)
