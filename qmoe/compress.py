@@ -15,7 +15,9 @@ model (so later blocks calibrate on what the compressed model will see) and, wit
 ``compensate="model"`` (the default), once more through the original model, whose activations are
 the targets GPTQ aims for (:func:`~qmoe.gptq.compensated_target`); and the validation samples twice,
 through the original and through the quantized model, which gives the validation loss before and
-after compression in the same single pass over the checkpoint.
+after compression in the same single pass over the checkpoint. With the reference stream, the
+report also records how far the quantized residual stream has drifted from the original entering
+and leaving each sparse layer, which tells where a per-layer precision (``layer_bits``) pays.
 
 Memory: activations live in :class:`~qmoe.activations.ActivationStore` buffers on the CPU (spilled to
 disk past ``max_cpu_memory``); only the current block, one batch of samples and one expert group sit
