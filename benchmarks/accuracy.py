@@ -1,9 +1,10 @@
 """Validation loss of the bundled reference model after compression, recipe by recipe.
 
 Rows: round-to-nearest and GPTQ at ternary (QMoE's min/max grid and our optimized grid; QMoE's
-pair codec and ours; GPTQ targets without and with compensation), a mixed-precision plan
-(``--layer-bits``), 2-bit and 4-bit, GPTQ at two calibration sizes. Every row is a full ``qmoe compress`` run in this process per seed; bits per
-parameter are measured from the written files (experts only, and the whole model), losses on
+pair codec and ours; GPTQ targets without and with compensation; per-layer plans, mixed-precision
+and all-ternary, with ``--layer-bits``), 2-bit and 4-bit, GPTQ at two calibration sizes. Every row
+is a full ``qmoe compress`` run in this process per seed; bits per parameter are measured from the
+written files (experts only, and the whole model), losses on
 held-out validation samples. A seed draws both the calibration and the validation samples, and a
 row reports the mean over seeds: on this small model the loss increase of one draw varies by
 20-40% between draws, more than some of the differences between recipes. KL(original ||
