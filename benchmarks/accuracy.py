@@ -10,7 +10,7 @@ row reports the mean over seeds: on this small model the loss increase of one dr
 20-40% between draws, more than some of the differences between recipes. KL(original ||
 compressed) per validation token, less noisy, is reported next to it.
 
-    python benchmarks/accuracy.py                 # full table, 3 seeds x 256 validation samples (~45 min, 2 cores)
+    python benchmarks/accuracy.py                 # full table, 3 seeds x 256 validation samples (~60 min, 2 cores)
     python benchmarks/accuracy.py --quick         # fewer rows and samples, one seed (~2 min)
 """
 from __future__ import annotations
