@@ -131,10 +131,6 @@ class CompressSettings:
         if self.expert_group < 1 or self.batch_size < 1 or self.max_tokens_per_pass < 1:
             raise CompressError("--expert-group, --batch-size and --max-tokens-per-pass must be positive")
 
-    @property
-    def quant_bits(self):
-        return "ternary" if self.bits == "ternary" else int(self.bits)
-
     def precision(self, module: str) -> "LayerPrecision":
         """The precision of the sparse MLP ``module`` (e.g. ``"decoder.block.0.layer.2.mlp"``)."""
         for entry in self.layer_bits:

@@ -104,7 +104,9 @@ def test_checkpoint_format_and_losses(reference_run, tiny_checkpoint):
     assert 0 < report["expert_bits_per_param"] < 16
 
 
-def test_reported_kl_matches_the_saved_models(reference_run, tiny_checkpoint):
+def kl_through_runtime(source: str, compressed: str, samples: int, seed: int) -> float:
+    """KL(dense source || compressed checkpoint) per target token on validation samples of 128 tokens,
+    with the dense model from ``load_switch`` and the compressed one from the runtime (``load_compressed``)."""
     import torch.nn.functional as F
 
     from qmoe.data import collate, load_tokenizer, make_samples
@@ -112,20 +114,23 @@ def test_reported_kl_matches_the_saved_models(reference_run, tiny_checkpoint):
     from qmoe.model import load_switch
     from qmoe.runtime import load_compressed
 
-    out, report = reference_run
-    dense = load_switch(tiny_checkpoint, dtype=torch.float32)
-    comp = load_compressed(out, devices="cpu", dtype=torch.float32)
+    dense = load_switch(source, dtype=torch.float32)
+    comp = load_compressed(compressed, devices="cpu", dtype=torch.float32)
     tok = load_tokenizer(comp.tokenizer_path)
-    smp = make_samples(tok, None, n=TINY["val_samples"], seed=0, split="validation", length=128)
+    smp = make_samples(tok, None, n=samples, seed=seed, split="validation", length=128)
     batch = collate(smp, tok.pad_id, dense.config.decoder_start_token_id)
     args = (batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"], batch["decoder_attention_mask"])
     with torch.no_grad():
         logp_d = F.log_softmax(_as_placed(dense)(*args).logits.float(), -1)
         logp_c = F.log_softmax(_as_placed(comp)(*args).logits.float(), -1)
     keep = batch["labels"] != -100
-    kl = (logp_d.exp() * (logp_d - logp_c)).sum(-1)[keep].mean().item()
+    return (logp_d.exp() * (logp_d - logp_c)).sum(-1)[keep].mean().item()
+
+
+def test_reported_kl_matches_the_saved_models(reference_run, tiny_checkpoint):
+    out, report = reference_run
     assert report["kl"] > 0
-    assert report["kl"] == pytest.approx(kl, rel=1e-3)
+    assert report["kl"] == pytest.approx(kl_through_runtime(tiny_checkpoint, out, TINY["val_samples"], 0), rel=1e-3)
 
 
 def test_reported_drift_matches_the_saved_models(reference_run, tiny_checkpoint):
@@ -173,13 +178,6 @@ def test_layer_sensitivity_benchmark_replaces_experts_as_stored(c2048_checkpoint
     through the runtime (load_compressed) on the same samples."""
     import importlib.util
 
-    import torch.nn.functional as F
-
-    from qmoe.data import collate, load_tokenizer, make_samples
-    from qmoe.generation import _as_placed
-    from qmoe.model import load_switch
-    from qmoe.runtime import load_compressed
-
     out = str(tmp_path / "c2048")
     report = compress(c2048_checkpoint, out, CompressSettings(**TINY), progress=False, log=lambda *a: None)
     spec = importlib.util.spec_from_file_location("layer_sensitivity", os.path.join(REPO, "benchmarks",
@@ -192,18 +190,7 @@ def test_layer_sensitivity_benchmark_replaces_experts_as_stored(c2048_checkpoint
         rows = {r["replaced"]: r for r in json.load(f)["rows"]}
     layers = [layer["mlp"] for layer in report["layers"]]
     assert all(rows[m]["kl"] > 0 for m in layers)
-
-    dense = load_switch(c2048_checkpoint, dtype=torch.float32)
-    comp = load_compressed(out, devices="cpu", dtype=torch.float32)
-    tok = load_tokenizer(comp.tokenizer_path)
-    batch = collate(make_samples(tok, None, n=4, seed=100, split="validation", length=128), tok.pad_id,
-                    dense.config.decoder_start_token_id)
-    args = (batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"], batch["decoder_attention_mask"])
-    with torch.no_grad():
-        logp_d = F.log_softmax(_as_placed(dense)(*args).logits.float(), -1)
-        logp_c = F.log_softmax(_as_placed(comp)(*args).logits.float(), -1)
-    keep = batch["labels"] != -100
-    kl = (logp_d.exp() * (logp_d - logp_c)).sum(-1)[keep].mean().item()
+    kl = kl_through_runtime(c2048_checkpoint, out, samples=4, seed=100)
     assert rows["all sparse layers (the compressed model)"]["kl"] == pytest.approx(kl, rel=1e-3)
 
 
